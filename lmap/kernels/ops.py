@@ -1,0 +1,208 @@
+"""Transformer building blocks as Numba kernels writing into preallocated outputs.
+
+Shapes use n = tokens in the batch, H = query heads, Hkv = key/value heads,
+hd = head dimension, C = context cells. KV caches are float32 or IEEE half
+stored as uint16 (Numba has no float16 on the CPU); ``_f32`` reads either.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from .half import float_to_half, half_to_float
+
+
+def _f32(x):  # type: ignore[no-untyped-def]
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_f32, inline="always")
+def _f32_impl(x):  # type: ignore[no-untyped-def]
+    if x == types.uint16:
+        return lambda x: half_to_float(x)
+    return lambda x: np.float32(x)
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
+    """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w  (x, out: [n, d]; may alias)."""
+    n, d = x.shape
+    for t in prange(n):
+        ss = np.float32(0.0)
+        for i in range(d):
+            ss += x[t, i] * x[t, i]
+        # llama.cpp sums in float and scales by 1/sqrt(mean + eps)
+        scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(d) + np.float32(eps)))
+        for i in range(d):
+            out[t, i] = x[t, i] * scale * w[i]
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def rmsnorm_heads(x: np.ndarray, w: np.ndarray, eps: float) -> None:
+    """In-place per-head RMSNorm (x: [n, H, hd], w: [hd]), the Q/K norm of gemma3 and qwen3."""
+    n, nh, hd = x.shape
+    for th in prange(n * nh):
+        t = th // nh
+        h = th % nh
+        ss = np.float32(0.0)
+        for i in range(hd):
+            ss += x[t, h, i] * x[t, h, i]
+        scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(hd) + np.float32(eps)))
+        for i in range(hd):
+            x[t, h, i] = x[t, h, i] * scale * w[i]
+
+
+@njit(cache=True, fastmath=False)
+def rope_cache(pos: np.ndarray, n_rot: int, freq_base: float, freq_scale: float, cos: np.ndarray, sin: np.ndarray) -> None:
+    """cos/sin[t, i] of the rotation angles for positions ``pos`` ([n] int32 -> [n, n_rot/2]).
+
+    Angles follow ggml's rope cache: theta_0 = p * freq_scale, theta_{i+1} = theta_i * base^(-2/n_rot),
+    accumulated in float32 as llama.cpp does. Computed once per forward pass, shared by all layers.
+    """
+    theta_scale = np.float32(freq_base ** (-2.0 / n_rot))
+    for t in range(pos.shape[0]):
+        theta = np.float32(pos[t]) * np.float32(freq_scale)
+        for i in range(n_rot // 2):
+            cos[t, i] = np.float32(math.cos(theta))
+            sin[t, i] = np.float32(math.sin(theta))
+            theta = np.float32(theta * theta_scale)
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
+    """Rotate the first n_rot = 2 * cos.shape[1] dims of every head in place (x: [n, H, hd]).
+
+    "norm" rope (llama) rotates adjacent pairs (2i, 2i+1); "neox" rope (gemma, qwen)
+    rotates (i, i + n_rot/2).
+    """
+    n, nh, hd = x.shape
+    half = cos.shape[1]
+    for th in prange(n * nh):
+        t = th // nh
+        h = th % nh
+        for i in range(half):
+            if neox:
+                a = i
+                b = i + half
+            else:
+                a = 2 * i
+                b = 2 * i + 1
+            x0 = x[t, h, a]
+            x1 = x[t, h, b]
+            x[t, h, a] = x0 * cos[t, i] - x1 * sin[t, i]
+            x[t, h, b] = x0 * sin[t, i] + x1 * cos[t, i]
+
+
+@njit(cache=True, fastmath=True)
+def store_kv_f16(src: np.ndarray, cache: np.ndarray, cells: np.ndarray) -> None:
+    """cache[cells[t]] = half(src[t])  (src: [n, Hkv, hd] float32, cache: [C, Hkv, hd] uint16)."""
+    n, nh, hd = src.shape
+    for t in range(n):
+        c = cells[t]
+        for h in range(nh):
+            for i in range(hd):
+                cache[c, h, i] = float_to_half(src[t, h, i])
+
+
+@njit(cache=True, fastmath=True)
+def store_kv_f32(src: np.ndarray, cache: np.ndarray, cells: np.ndarray) -> None:
+    n = src.shape[0]
+    for t in range(n):
+        cache[cells[t]] = src[t]
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def attention(
+    q: np.ndarray,  # [n, H, hd] float32
+    k: np.ndarray,  # [C, Hkv, hd] cache (float32 or uint16 half)
+    v: np.ndarray,  # [C, Hkv, hd]
+    pos: np.ndarray,  # [n] int32: position of each query
+    cell_pos: np.ndarray,  # [C] int32: position held by each cell, -1 if empty
+    n_cells: int,  # cells [0, n_cells) may be valid
+    scale: float,
+    window: int,  # 0: full causal; w > 0: a query at p sees positions (p - w, p]
+    softcap: float,  # 0: none; else scores = softcap * tanh(scores / softcap)
+    scores: np.ndarray,  # [n_threads, C] scratch
+    out: np.ndarray,  # [n, H, hd]
+) -> None:
+    """Causal (optionally sliding-window) grouped-query attention over the cache.
+
+    Keys are visible to a query when 0 <= cell_pos <= pos (and within the window),
+    so the cache can hold cells in any order (context shift, sliding windows).
+    """
+    n, nh, hd = q.shape
+    group = nh // k.shape[1]
+    sc = np.float32(scale)
+    for th in prange(n * nh):
+        t = th // nh
+        h = th % nh
+        kh = h // group
+        s = scores[numba.get_thread_id()]
+        p = pos[t]
+        lo = p - window if window > 0 else -1
+        mx = np.float32(-np.inf)
+        for c in range(n_cells):
+            cp = cell_pos[c]
+            if cp < 0 or cp > p or cp <= lo:
+                s[c] = np.float32(-np.inf)
+                continue
+            d = np.float32(0.0)
+            for i in range(hd):
+                d += q[t, h, i] * _f32(k[c, kh, i])
+            d *= sc
+            if softcap > 0.0:
+                d = np.float32(softcap) * np.float32(math.tanh(d / np.float32(softcap)))
+            s[c] = d
+            if d > mx:
+                mx = d
+        total = np.float32(0.0)
+        for c in range(n_cells):
+            e = np.float32(math.exp(s[c] - mx)) if s[c] != -np.inf else np.float32(0.0)
+            s[c] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for i in range(hd):
+            out[t, h, i] = np.float32(0.0)
+        for c in range(n_cells):
+            w = s[c] * inv
+            if w != 0.0:
+                for i in range(hd):
+                    out[t, h, i] += w * _f32(v[c, kh, i])
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def swiglu(gate: np.ndarray, up: np.ndarray) -> None:
+    """gate = silu(gate) * up, in place ([n, ff])."""
+    n, f = gate.shape
+    for t in prange(n):
+        for i in range(f):
+            g = gate[t, i]
+            gate[t, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[t, i]
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def geglu(gate: np.ndarray, up: np.ndarray) -> None:
+    """gate = gelu_tanh(gate) * up, in place ([n, ff]) as ggml_gelu (tanh approximation)."""
+    n, f = gate.shape
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    for t in prange(n):
+        for i in range(f):
+            x = gate[t, i]
+            gate[t, i] = (
+                np.float32(0.5) * x * (np.float32(1.0) + np.float32(math.tanh(c * x * (np.float32(1.0) + np.float32(0.044715) * x * x))))
+                * up[t, i]
+            )
+
+
+@njit(cache=True, fastmath=True)
+def add_inplace(x: np.ndarray, y: np.ndarray) -> None:
+    """x += y ([n, d])."""
+    n, d = x.shape
+    for t in range(n):
+        for i in range(d):
+            x[t, i] += y[t, i]

@@ -1,0 +1,228 @@
+"""What every architecture shares: hparams from GGUF keys, weights by GGUF name, scratch buffers.
+
+An architecture module (``llama.py``, ``gemma3.py``) is a short forward pass over
+these pieces; the differences between architectures are data in ``HParams`` plus
+the few lines of its own ``forward``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import numba
+import numpy as np
+
+from ..errors import GGUFError, UnsupportedModelError
+from ..gguf import GGUFFile
+from ..kernels import ops
+from ..kv_cache import KVCache
+from ..quants import QMatrix
+
+# field -> (GGUF key with {arch} placeholder, required)
+HPARAM_KEYS: dict[str, tuple[str, bool]] = {
+    "n_ctx_train": ("{arch}.context_length", True),
+    "n_embd": ("{arch}.embedding_length", True),
+    "n_layer": ("{arch}.block_count", True),
+    "n_ff": ("{arch}.feed_forward_length", True),
+    "n_head": ("{arch}.attention.head_count", True),
+    "n_head_kv": ("{arch}.attention.head_count_kv", False),
+    "head_dim_k": ("{arch}.attention.key_length", False),
+    "head_dim_v": ("{arch}.attention.value_length", False),
+    "rms_eps": ("{arch}.attention.layer_norm_rms_epsilon", False),
+    "rope_freq_base": ("{arch}.rope.freq_base", False),
+    "rope_scaling_factor": ("{arch}.rope.scaling.factor", False),
+    "n_rot": ("{arch}.rope.dimension_count", False),
+    "n_vocab": ("{arch}.vocab_size", False),
+    "sliding_window": ("{arch}.attention.sliding_window", False),
+    "attn_softcap": ("{arch}.attn_logit_softcapping", False),
+    "final_softcap": ("{arch}.final_logit_softcapping", False),
+}
+
+
+@dataclass
+class HParams:
+    arch: str
+    n_ctx_train: int
+    n_embd: int
+    n_layer: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int = 0
+    head_dim_k: int = 0
+    head_dim_v: int = 0
+    rms_eps: float = 1e-5
+    rope_freq_base: float = 10000.0
+    rope_scaling_factor: float = 0.0
+    n_rot: int = 0
+    n_vocab: int = 0
+    sliding_window: int = 0
+    attn_softcap: float = 0.0
+    final_softcap: float = 0.0
+
+    @classmethod
+    def from_gguf(cls, g: GGUFFile) -> HParams:
+        arch = g.architecture
+        values: dict[str, object] = {"arch": arch}
+        types = {f.name: f.type for f in fields(cls)}
+        for name, (key_t, required) in HPARAM_KEYS.items():
+            key = key_t.format(arch=arch)
+            if key not in g.metadata:
+                if required:
+                    raise GGUFError(f"{g.path}: missing metadata key {key!r} needed by the {arch} architecture")
+                continue
+            v = g.metadata[key]
+            if isinstance(v, np.ndarray):
+                if v.size and np.all(v == v.flat[0]):
+                    v = v.flat[0].item()  # per-layer array with one value
+                else:
+                    raise UnsupportedModelError(f"{g.path}: per-layer values in {key!r} are not supported yet")
+            want = int if types[name] in ("int", int) else float
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise GGUFError(f"{g.path}: metadata key {key!r} should be a number, got {type(v).__name__}")
+            values[name] = want(v)
+        hp = cls(**values)  # type: ignore[arg-type]
+        hp.n_head_kv = hp.n_head_kv or hp.n_head
+        hp.head_dim_k = hp.head_dim_k or hp.n_embd // hp.n_head
+        hp.head_dim_v = hp.head_dim_v or hp.head_dim_k
+        hp.n_rot = hp.n_rot or hp.head_dim_k
+        if not hp.n_vocab:
+            tokens = g.metadata.get("tokenizer.ggml.tokens")
+            hp.n_vocab = len(tokens) if tokens is not None else g.tensors["token_embd.weight"].shape[1]
+        if hp.n_head % hp.n_head_kv:
+            raise GGUFError(f"{g.path}: head_count {hp.n_head} is not a multiple of head_count_kv {hp.n_head_kv}")
+        return hp
+
+    @property
+    def rope_freq_scale(self) -> float:
+        return 1.0 / self.rope_scaling_factor if self.rope_scaling_factor else 1.0
+
+
+class Weights:
+    """Tensors of a GGUF file by GGUF name: matrices as :class:`QMatrix`, vectors as float32 views."""
+
+    def __init__(self, g: GGUFFile) -> None:
+        self.g = g
+
+    def has(self, name: str) -> bool:
+        return name in self.g.tensors
+
+    def matrix(self, name: str) -> QMatrix:
+        if name not in self.g.tensors:
+            raise GGUFError(f"{self.g.path}: missing tensor {name!r}")
+        return QMatrix(self.g.tensors[name], self.g.tensor(name))
+
+    def vector(self, name: str) -> np.ndarray:
+        if name not in self.g.tensors:
+            raise GGUFError(f"{self.g.path}: missing tensor {name!r}")
+        info = self.g.tensors[name]
+        data = self.g.tensor(name).reshape(-1)
+        if info.format.name == "F32":
+            return data
+        if info.format.name == "F16":
+            return data.astype(np.float32)  # norms are tiny: one copy at load
+        raise UnsupportedModelError(f"{self.g.path}: tensor {name!r} is {info.format.name}; vectors must be F32 or F16")
+
+
+class Scratch:
+    """Every activation buffer of a forward pass, allocated once for (n_batch, n_ctx).
+
+    Shapes (B = n_batch): x, xb, xb2 [B, d]; q [B, H, hdk]; k [B, Hkv, hdk]; v [B, Hkv, hdv];
+    att [B, H, hdv]; hb, hb2 [B, ff]; tile [T, max_cols] for prefill dequantization;
+    scores [threads, n_ctx] for attention; cos/sin [B, n_rot/2]; logits [B or 1, vocab].
+    """
+
+    TILE_ELEMENTS = 1 << 20  # 4 MiB of float32 rows: enough for BLAS to run at speed
+
+    def __init__(self, hp: HParams, n_batch: int, n_ctx: int, logits_rows: int) -> None:
+        B = n_batch
+        d, H, Hkv = hp.n_embd, hp.n_head, hp.n_head_kv
+        self.x = np.zeros((B, d), np.float32)
+        self.xb = np.zeros((B, d), np.float32)
+        self.xb2 = np.zeros((B, d), np.float32)
+        self.q = np.zeros((B, H, hp.head_dim_k), np.float32)
+        self.k = np.zeros((B, Hkv, hp.head_dim_k), np.float32)
+        self.v = np.zeros((B, Hkv, hp.head_dim_v), np.float32)
+        self.att = np.zeros((B, H, hp.head_dim_v), np.float32)
+        self.hb = np.zeros((B, hp.n_ff), np.float32)
+        self.hb2 = np.zeros((B, hp.n_ff), np.float32)
+        max_cols = max(d, hp.n_ff, H * hp.head_dim_v)
+        self.tile = np.zeros(max(self.TILE_ELEMENTS, max_cols), np.float32)
+        self.scores = np.zeros((numba.config.NUMBA_NUM_THREADS, n_ctx), np.float32)
+        self.cos = np.zeros((B, hp.n_rot // 2), np.float32)
+        self.sin = np.zeros((B, hp.n_rot // 2), np.float32)
+        self.cos2 = np.zeros((B, hp.n_rot // 2), np.float32)  # second rope base (gemma3 local layers)
+        self.sin2 = np.zeros((B, hp.n_rot // 2), np.float32)
+        self.cells = np.zeros(B, np.int32)
+        self.logits = np.zeros((logits_rows, hp.n_vocab), np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+
+
+class Model:
+    """Base of every architecture: weights common to all, shared blocks, and the chunking loop."""
+
+    arch = ""
+    neox_rope = False
+
+    def __init__(self, g: GGUFFile, hp: HParams) -> None:
+        self.g = g
+        self.hp = hp
+        w = Weights(g)
+        self.w = w
+        self.token_embd = w.matrix("token_embd.weight")
+        self.output_norm = w.vector("output_norm.weight")
+        # tied output: reuse the embedding matrix when the file has no output.weight
+        self.output = w.matrix("output.weight") if w.has("output.weight") else self.token_embd
+
+    # -- shared blocks --------------------------------------------------------------
+    def attention(self, l: int, s: Scratch, kv: KVCache, pos: np.ndarray, n: int, window: int = 0,
+                  scale: float | None = None) -> None:
+        """Store this batch's K/V for layer ``l`` and attend: s.q, s.k, s.v -> s.att."""
+        hp = self.hp
+        cells = s.cells[:n]
+        if kv.type_k == "f16":
+            ops.store_kv_f16(s.k[:n], kv.k[l], cells)
+        else:
+            ops.store_kv_f32(s.k[:n], kv.k[l], cells)
+        if kv.type_v == "f16":
+            ops.store_kv_f16(s.v[:n], kv.v[l], cells)
+        else:
+            ops.store_kv_f32(s.v[:n], kv.v[l], cells)
+        ops.attention(s.q[:n], kv.k[l], kv.v[l], pos, kv.cell_pos, kv.n_used,
+                      scale if scale is not None else 1.0 / np.sqrt(hp.head_dim_k),
+                      window, hp.attn_softcap, s.scores, s.att[:n])
+
+    def logits(self, s: Scratch, n: int, all_logits: bool) -> np.ndarray:
+        """Final norm and output projection; returns a view of s.logits ([n or 1, vocab])."""
+        hp = self.hp
+        rows = s.x[:n] if all_logits else s.x[n - 1 : n]
+        m = rows.shape[0]
+        ops.rmsnorm(rows, self.output_norm, hp.rms_eps, s.xb[:m])
+        out = s.logits[:m]
+        self.output.matmul(s.xb[:m], out, s.tile)
+        if hp.final_softcap:
+            np.tanh(out / hp.final_softcap, out=out)
+            out *= hp.final_softcap
+        return out
+
+    def forward(self, tokens: np.ndarray, pos: np.ndarray, s: Scratch, kv: KVCache, all_logits: bool) -> np.ndarray:
+        """Run ``tokens`` ([n] int32 at positions ``pos``) through the model; n <= n_batch.
+
+        Returns logits for every token (``all_logits``) or the last one, as a view of scratch.
+        """
+        raise NotImplementedError
+
+
+def check_tensor_shapes(model: Model) -> None:
+    """Fail at load (not mid-generation) when a tensor's shape disagrees with the hparams."""
+    hp = model.hp
+    expect = {
+        "token_embd.weight": (hp.n_embd, hp.n_vocab),
+        "output_norm.weight": (hp.n_embd,),
+    }
+    for name, shape in expect.items():
+        info = model.g.tensors.get(name)
+        if info is not None and info.shape != shape:
+            raise GGUFError(f"{model.g.path}: tensor {name!r} has shape {info.shape}, hparams imply {shape}")

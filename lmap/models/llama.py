@@ -1,0 +1,72 @@
+"""Llama (and the many models that share its graph: SmolLM2, Mistral, TinyLlama ...).
+
+    x = token_embd[tokens]
+    for each layer:
+        h = attn_norm(x);  q, k, v = Wq h, Wk h, Wv h;  rope(q, k)  (adjacent-pair "norm" rope)
+        x = x + Wo attention(q, K, V)                               (grouped-query, causal)
+        h = ffn_norm(x);   x = x + Wdown (silu(Wgate h) * Wup h)
+    logits = output(output_norm(x))
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..gguf import GGUFFile
+from ..kernels import ops
+from ..kv_cache import KVCache
+from .base import HParams, Model, Scratch
+
+
+class Layer:
+    def __init__(self, model: Model, i: int) -> None:
+        w = model.w
+        p = f"blk.{i}."
+        self.attn_norm = w.vector(p + "attn_norm.weight")
+        self.attn_q = w.matrix(p + "attn_q.weight")
+        self.attn_k = w.matrix(p + "attn_k.weight")
+        self.attn_v = w.matrix(p + "attn_v.weight")
+        self.attn_output = w.matrix(p + "attn_output.weight")
+        self.ffn_norm = w.vector(p + "ffn_norm.weight")
+        self.ffn_gate = w.matrix(p + "ffn_gate.weight")
+        self.ffn_up = w.matrix(p + "ffn_up.weight")
+        self.ffn_down = w.matrix(p + "ffn_down.weight")
+
+
+class Llama(Model):
+    arch = "llama"
+    neox_rope = False
+
+    def __init__(self, g: GGUFFile, hp: HParams) -> None:
+        super().__init__(g, hp)
+        self.layers = [Layer(self, i) for i in range(hp.n_layer)]
+
+    def forward(self, tokens: np.ndarray, pos: np.ndarray, s: Scratch, kv: KVCache, all_logits: bool) -> np.ndarray:
+        hp = self.hp
+        n = tokens.shape[0]
+        x, xb, xb2 = s.x[:n], s.xb[:n], s.xb2[:n]
+        q, k, v, att = s.q[:n], s.k[:n], s.v[:n], s.att[:n]
+        hb, hb2 = s.hb[:n], s.hb2[:n]
+        cos, sin = s.cos[:n], s.sin[:n]
+
+        self.token_embd.gather(tokens, x)
+        ops.rope_cache(pos, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale, cos, sin)
+        kv.assign(pos, s.cells[:n])
+        for i, L in enumerate(self.layers):
+            ops.rmsnorm(x, L.attn_norm, hp.rms_eps, xb)
+            L.attn_q.matmul(xb, q.reshape(n, -1), s.tile)
+            L.attn_k.matmul(xb, k.reshape(n, -1), s.tile)
+            L.attn_v.matmul(xb, v.reshape(n, -1), s.tile)
+            ops.rope(q, cos, sin, self.neox_rope)
+            ops.rope(k, cos, sin, self.neox_rope)
+            self.attention(i, s, kv, pos, n)
+            L.attn_output.matmul(att.reshape(n, -1), xb2, s.tile)
+            ops.add_inplace(x, xb2)
+
+            ops.rmsnorm(x, L.ffn_norm, hp.rms_eps, xb)
+            L.ffn_gate.matmul(xb, hb, s.tile)
+            L.ffn_up.matmul(xb, hb2, s.tile)
+            ops.swiglu(hb, hb2)
+            L.ffn_down.matmul(hb, xb2, s.tile)
+            ops.add_inplace(x, xb2)
+        return self.logits(s, n, all_logits)

@@ -1,0 +1,103 @@
+"""Block formats and their kernels: one table from GGML type name to the code that reads it.
+
+A new format drops in by adding a module with ``dequantize_rows`` and ``matvec``
+and one line in ``KERNELS``. Everything above this package works on
+:class:`QMatrix` and never looks at block layouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import kernels as _kernels  # noqa: F401  (threading layer set-up before numba compiles)
+from ..errors import UnsupportedModelError
+from . import floats, q4_0, q4_1, q8_0
+from .formats import FORMATS, FORMATS_BY_NAME, BlockFormat
+
+if TYPE_CHECKING:
+    from ..gguf import TensorInfo
+
+__all__ = ["KERNELS", "QMatrix", "BlockFormat", "FORMATS", "FORMATS_BY_NAME"]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    view_dtype: type  # dtype of the array the kernels take: uint8 bytes for block formats
+    dequantize_rows: Callable[..., None]  # (w, r0, r1, out[r1 - r0, n]) -> None
+    matvec: Callable[..., None]  # (w, x[n], out[rows]) -> None
+
+
+KERNELS: dict[str, Kernels] = {
+    "F32": Kernels(np.float32, floats.dequantize_rows_f32, floats.matvec_f32),
+    "F16": Kernels(np.uint16, floats.dequantize_rows_f16, floats.matvec_f16),
+    "BF16": Kernels(np.uint16, floats.dequantize_rows_bf16, floats.matvec_bf16),
+    "Q8_0": Kernels(np.uint8, q8_0.dequantize_rows, q8_0.matvec),
+    "Q4_0": Kernels(np.uint8, q4_0.dequantize_rows, q4_0.matvec),
+    "Q4_1": Kernels(np.uint8, q4_1.dequantize_rows, q4_1.matvec),
+}
+
+
+class QMatrix:
+    """A 2-D weight ``[rows, cols]`` kept in its file format (``W x`` computes ``rows`` outputs).
+
+    ``data`` is the zero-copy view of the mapped bytes; nothing is dequantized
+    except rows gathered on demand and tiles during prefill.
+    """
+
+    __slots__ = ("name", "format", "rows", "cols", "data", "k")
+
+    def __init__(self, info: TensorInfo, raw: np.ndarray) -> None:
+        if len(info.shape) != 2:
+            raise UnsupportedModelError(f"tensor {info.name!r}: expected a matrix, got shape {info.shape}")
+        k = KERNELS.get(info.format.name)
+        if k is None:
+            supported = ", ".join(KERNELS)
+            raise UnsupportedModelError(
+                f"tensor {info.name!r} has block type {info.format.name}, which lmap cannot compute yet "
+                f"(supported: {supported})"
+            )
+        self.name = info.name
+        self.format = info.format
+        self.cols, self.rows = info.shape
+        self.k = k
+        self.data = raw.reshape(self.rows, -1).view(k.view_dtype) if raw.dtype != k.view_dtype else raw.reshape(self.rows, -1)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def matvec(self, x: np.ndarray, out: np.ndarray) -> None:
+        """out[rows] = W @ x[cols]."""
+        self.k.matvec(self.data, x, out)
+
+    def dequantize_rows(self, r0: int, r1: int, out: np.ndarray) -> None:
+        """out[: r1 - r0] = float32 rows r0..r1 of W."""
+        self.k.dequantize_rows(self.data, r0, r1, out)
+
+    def gather(self, ids: np.ndarray, out: np.ndarray) -> None:
+        """out[t] = row ids[t] of W (embedding lookup)."""
+        for t, i in enumerate(ids):
+            self.k.dequantize_rows(self.data, int(i), int(i) + 1, out[t : t + 1])
+
+    def matmul(self, x: np.ndarray, out: np.ndarray, tile: np.ndarray) -> None:
+        """out[n, rows] = x[n, cols] @ W.T for a batch: dequantize tiles of rows, then BLAS.
+
+        ``tile`` is float32 scratch of at least [t, cols]; its row count sets the tile height.
+        Decoding one token goes through :meth:`matvec` instead (no dequantized copy at all).
+        """
+        if x.shape[0] == 1:
+            self.matvec(x[0], out[0])
+            return
+        th = min(tile.size // self.cols, self.rows)
+        buf = tile.reshape(-1)[: th * self.cols].reshape(th, self.cols)
+        for r0 in range(0, self.rows, th):
+            r1 = min(r0 + th, self.rows)
+            self.k.dequantize_rows(self.data, r0, r1, buf)
+            np.matmul(x, buf[: r1 - r0].T, out=out[:, r0:r1])
+
+    def __repr__(self) -> str:
+        return f"QMatrix({self.name!r}, {self.format.name}, [{self.rows}, {self.cols}])"
