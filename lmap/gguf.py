@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import GGUFError
+from .errors import GGUFError, LmapError
 from .quants.formats import FORMATS, BlockFormat
 
 GGUF_MAGIC = b"GGUF"
@@ -329,6 +329,24 @@ class GGUFFile:
         if not isinstance(arch, str):
             raise GGUFError(f"{self.path}: missing metadata key 'general.architecture'")
         return arch
+
+    def lock(self) -> None:
+        """Pin the whole file in RAM (``mlock``), failing with advice when the limit is too low."""
+        import ctypes
+        import ctypes.util
+        import resource
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        addr, n = self._bytes.ctypes.data, self._bytes.nbytes
+        if libc.mlock(ctypes.c_void_p(addr), ctypes.c_size_t(n)) != 0:
+            err = ctypes.get_errno()
+            soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+            limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft // 1024} KiB"
+            raise LmapError(
+                f"{self.path}: cannot mlock {n / 2**20:.0f} MiB ({os.strerror(err)}); the locked-memory limit is "
+                f"{limit}: raise it with `ulimit -l unlimited` (or in /etc/security/limits.conf), or drop --mlock"
+            )
+        self.locked = True
 
     def close(self) -> None:
         self._bytes = np.empty(0, dtype=np.uint8)

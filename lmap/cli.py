@@ -1,0 +1,292 @@
+"""``lmap`` command line: run | chat | pull | info.
+
+A thin layer over :class:`lmap.Llama`: parse, call, print. Every ``LmapError``
+becomes one line on stderr and exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidParameterError, LmapError
+from .quants.formats import FILE_TYPES
+
+log = logging.getLogger("lmap")
+
+
+# ---------------------------------------------------------------------- helpers
+def _peak_rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    g.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = off (default 40)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    g.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min_p x the best (default 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=1.0, help="penalty for repeated tokens (default 1.0 = off)")
+    g.add_argument("--seed", type=int, default=-1, help="RNG seed; -1 = random (default)")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=None, help="path to a .gguf file or a model name (default smollm2-135m)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
+    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens; 0 = model's (default 4096)")
+    p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass (default 512)")
+    p.add_argument("--no-mmap", action="store_true", help="read the model into memory instead of mapping it")
+    p.add_argument("--mlock", action="store_true", help="pin the model in RAM (needs a high enough `ulimit -l`)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from .llama import Llama
+
+    if args.threads is not None and args.threads < 1:
+        raise InvalidParameterError(f"--threads must be >= 1, got {args.threads}")
+    return Llama(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, n_threads=args.threads,
+                 use_mmap=not args.no_mmap, use_mlock=args.mlock, verbose=args.verbose)
+
+
+def _check_sampling(args: argparse.Namespace) -> None:
+    if args.temp < 0:
+        raise InvalidParameterError(f"--temp must be >= 0, got {args.temp}")
+    if not 0.0 <= args.top_p <= 1.0:
+        raise InvalidParameterError(f"--top-p must be in [0, 1], got {args.top_p}")
+    if not 0.0 <= args.min_p <= 1.0:
+        raise InvalidParameterError(f"--min-p must be in [0, 1], got {args.min_p}")
+    if args.top_k < 0:
+        raise InvalidParameterError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.repeat_penalty <= 0:
+        raise InvalidParameterError(f"--repeat-penalty must be > 0, got {args.repeat_penalty}")
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+            "repeat_penalty": args.repeat_penalty, "seed": None if args.seed < 0 else args.seed}
+
+
+def _print_timings(llm: Any) -> None:
+    t = llm.timings
+    pt, pms, et, ems = t["prompt_tokens"], t["prompt_ms"], t["eval_tokens"], t["eval_ms"]
+    print(
+        f"\n\nload: {t['load_ms']:.0f} ms | prompt: {pt} tokens, {pms:.0f} ms, {pt / max(pms, 1e-9) * 1e3:.1f} tok/s"
+        f" | decode: {et} tokens, {ems:.0f} ms, {et / max(ems, 1e-9) * 1e3:.1f} tok/s"
+        f" | peak RSS: {_peak_rss_mib():.0f} MiB",
+        file=sys.stderr,
+    )
+
+
+# ---------------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    _check_sampling(args)
+    if args.n_predict < -1:
+        raise InvalidParameterError(f"-n must be >= -1 (-1 = until the end of generation), got {args.n_predict}")
+    llm = _load(args)
+    if args.file is not None:
+        try:
+            prompt = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidParameterError(f"--file {args.file}: cannot read the prompt ({e})") from None
+    else:
+        prompt = args.prompt or ""
+    use_chat = args.chat or (not args.raw and llm.metadata.get("tokenizer.chat_template") is not None)
+    max_tokens = None if args.n_predict == -1 else args.n_predict
+    if args.n_predict == 0:
+        return 0
+    if use_chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": prompt}]
+        stream = llm.create_chat_completion(messages, max_tokens=max_tokens, stream=True, **_sampling_kwargs(args))
+        for chunk in stream:
+            text = chunk["choices"][0]["delta"].get("content", "")
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    else:
+        sys.stdout.write(prompt)
+        for chunk in llm.create_completion(prompt, max_tokens=max_tokens, stream=True, **_sampling_kwargs(args)):
+            sys.stdout.write(chunk["choices"][0]["text"])
+            sys.stdout.flush()
+    sys.stdout.write("\n")
+    _print_timings(llm)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    _check_sampling(args)
+    llm = _load(args)
+    messages: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    print("lmap chat: type a message, Ctrl-D to quit, /reset to forget the conversation.", file=sys.stderr)
+    while True:
+        if interactive:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        before = llm.n_tokens
+        reply = []
+        max_tokens = None if args.n_predict == -1 else args.n_predict
+        for chunk in llm.create_chat_completion(messages, stream=True, max_tokens=max_tokens, **_sampling_kwargs(args)):
+            text = chunk["choices"][0]["delta"].get("content", "")
+            reply.append(text)
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        t = llm.timings
+        log.info("turn: kept %d cached tokens, evaluated %d prompt tokens, %.1f tok/s decode", before,
+                 t["prompt_tokens"], t["eval_tokens"] / max(t["eval_ms"], 1e-9) * 1e3)
+        if args.verbose or not interactive:
+            print(f"[prompt tokens evaluated: {t['prompt_tokens']}, reused: {llm.n_tokens - t['prompt_tokens'] - t['eval_tokens']}]",
+                  file=sys.stderr)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .registry import pull
+
+    path = pull(args.name, force=args.force)
+    print(path)
+    return 0
+
+
+def _layer_of(name: str) -> str:
+    m = re.match(r"blk\.(\d+)\.", name)
+    return f"blk.{m.group(1)}" if m else "(global)"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .gguf import GGUFFile
+    from .models.base import HParams
+    from .registry import resolve_model
+
+    path = resolve_model(args.model)
+    t = time.perf_counter()
+    g = GGUFFile(path)
+    parse_ms = (time.perf_counter() - t) * 1e3
+    md = g.metadata
+    print(f"file:            {path}  ({g.size / 2**20:.1f} MiB, GGUF v{g.version}, parsed in {parse_ms:.0f} ms)")
+    print(f"name:            {md.get('general.name', '?')}")
+    print(f"architecture:    {g.architecture}")
+    ft = md.get("general.file_type")
+    print(f"file type:       {FILE_TYPES.get(ft, ft)}")
+    try:
+        hp = HParams.from_gguf(g)
+        print(f"context length:  {hp.n_ctx_train}")
+        print(f"embedding:       {hp.n_embd}   layers: {hp.n_layer}   ffn: {hp.n_ff}")
+        print(f"heads:           {hp.n_head} (kv {hp.n_head_kv}, head dim {hp.head_dim_k})   rope: dims {hp.n_rot}, "
+              f"base {hp.rope_freq_base:g}")
+        if hp.sliding_window:
+            print(f"sliding window:  {hp.sliding_window}")
+        print(f"rms eps:         {hp.rms_eps:g}")
+        n_vocab = hp.n_vocab
+    except LmapError as e:
+        print(f"hparams:         unavailable ({e})")
+        n_vocab = len(md.get("tokenizer.ggml.tokens", []))
+    print(f"vocab:           {n_vocab} tokens, tokenizer {md.get('tokenizer.ggml.model', '?')} "
+          f"(pre: {md.get('tokenizer.ggml.pre', '-')})")
+    print(f"chat template:   {'yes' if md.get('tokenizer.chat_template') else 'no'}")
+    print(f"tensors:         {len(g.tensors)}")
+    by_type: Counter[str] = Counter()
+    bytes_by_type: Counter[str] = Counter()
+    for ti in g.tensors.values():
+        by_type[ti.format.name] += 1
+        bytes_by_type[ti.format.name] += ti.nbytes
+    for name, cnt in sorted(by_type.items(), key=lambda kv: -bytes_by_type[kv[0]]):
+        print(f"  {name:<8} {cnt:>5} tensors  {bytes_by_type[name] / 2**20:>9.2f} MiB")
+    per_layer: dict[str, int] = defaultdict(int)
+    for ti in g.tensors.values():
+        per_layer[_layer_of(ti.name)] += ti.n_elements
+    total = sum(per_layer.values())
+    print("parameters:")
+    layers = sorted((k for k in per_layer if k.startswith("blk.")), key=lambda k: int(k.split(".")[1]))
+    if "(global)" in per_layer:
+        print(f"  {'global':<10} {per_layer['(global)']:>14,}   (embeddings, output, final norm)")
+    for k in layers if args.layers else layers[:1]:
+        print(f"  {k:<10} {per_layer[k]:>14,}")
+    if not args.layers and len(layers) > 1:
+        print(f"  ... {len(layers)} layers x ~{per_layer[layers[0]]:,} (--layers shows each)")
+    print(f"  {'total':<10} {total:>14,}   ({total / 1e6:.1f} M, {8 * sum(bytes_by_type.values()) / total:.2f} bits/weight)")
+    return 0
+
+
+# ---------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmap", description="Run GGUF language models from a memory map.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="generate text from a prompt, streaming to stdout")
+    _model_args(r)
+    r.add_argument("-p", "--prompt", default=None, help="the prompt")
+    r.add_argument("-f", "--file", default=None, help="read the prompt from a file")
+    r.add_argument("-n", "--n-predict", type=int, default=-1, help="tokens to generate; -1 = until the end (default)")
+    r.add_argument("--system", default=None, help="system message (chat mode)")
+    mode = r.add_mutually_exclusive_group()
+    mode.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (default if the model has one)")
+    mode.add_argument("--raw", action="store_true", help="feed the prompt as plain text")
+    _sampling_args(r)
+    r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("chat", help="interactive multi-turn chat (the KV cache is kept between turns)")
+    _model_args(c)
+    c.add_argument("--system", default=None, help="system message")
+    c.add_argument("-n", "--n-predict", type=int, default=-1, help="max tokens per reply; -1 = until the end")
+    _sampling_args(c)
+    c.set_defaults(func=cmd_chat)
+
+    pl = sub.add_parser("pull", help="fetch a named model into the cache")
+    pl.add_argument("name", help="model name (smollm2-135m, gemma3-270m)")
+    pl.add_argument("--force", action="store_true", help="download again even if cached")
+    pl.set_defaults(func=cmd_pull)
+
+    i = sub.add_parser("info", help="describe a GGUF model: hparams, tensors, parameters")
+    i.add_argument("model", nargs="?", default=None, help="path or model name (default smollm2-135m)")
+    i.add_argument("--layers", action="store_true", help="parameter count of every layer")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except LmapError as e:
+        print(f"lmap: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
