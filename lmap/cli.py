@@ -148,7 +148,6 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = messages[:1] if args.system else []
             continue
         messages.append({"role": "user", "content": line})
-        before = llm.n_tokens
         reply = []
         max_tokens = None if args.n_predict == -1 else args.n_predict
         for chunk in llm.create_chat_completion(messages, stream=True, max_tokens=max_tokens, **_sampling_kwargs(args)):
@@ -160,11 +159,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
         sys.stdout.flush()
         messages.append({"role": "assistant", "content": "".join(reply)})
         t = llm.timings
-        log.info("turn: kept %d cached tokens, evaluated %d prompt tokens, %.1f tok/s decode", before,
-                 t["prompt_tokens"], t["eval_tokens"] / max(t["eval_ms"], 1e-9) * 1e3)
         if args.verbose or not interactive:
-            print(f"[prompt tokens evaluated: {t['prompt_tokens']}, reused: {llm.n_tokens - t['prompt_tokens'] - t['eval_tokens']}]",
-                  file=sys.stderr)
+            print(f"[prompt tokens evaluated: {t['prompt_tokens']}, reused: {t['reused_tokens']}]", file=sys.stderr)
     return 0
 
 

@@ -109,7 +109,8 @@ class Llama:
         self._seed = seed
         if use_mlock:
             self._gguf.lock()
-        self.timings = {"load_ms": 0.0, "prompt_tokens": 0, "prompt_ms": 0.0, "eval_tokens": 0, "eval_ms": 0.0}
+        self.timings = {"load_ms": 0.0, "prompt_tokens": 0, "prompt_ms": 0.0, "eval_tokens": 0, "eval_ms": 0.0,
+                        "reused_tokens": 0}
         self._warm_up()
         self.timings["load_ms"] = (time.perf_counter() - t0) * 1e3
         template = self.metadata.get("tokenizer.chat_template")
@@ -181,6 +182,9 @@ class Llama:
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate ``tokens`` after the ``n_tokens`` already in the context, n_batch at a time."""
+        self._eval(tokens, "prompt" if len(tokens) > 1 else "eval")
+
+    def _eval(self, tokens: Sequence[int], phase: str) -> None:
         toks = np.asarray(tokens, dtype=np.int32).reshape(-1)
         if toks.size == 0:
             return
@@ -203,13 +207,11 @@ class Llama:
                 self.scores[n_past : n_past + n] = logits
             self.last_logits[:] = logits[-1]
             self.n_tokens += n
-        dt = (time.perf_counter() - t) * 1e3
-        key = "eval" if toks.size == 1 else "prompt"
-        self.timings[f"{key}_tokens"] += int(toks.size)
-        self.timings[f"{key}_ms"] += dt
+        self.timings[f"{phase}_tokens"] += int(toks.size)
+        self.timings[f"{phase}_ms"] += (time.perf_counter() - t) * 1e3
 
     def reset_timings(self) -> None:
-        for k in ("prompt_tokens", "prompt_ms", "eval_tokens", "eval_ms"):
+        for k in ("prompt_tokens", "prompt_ms", "eval_tokens", "eval_ms", "reused_tokens"):
             self.timings[k] = 0
 
     # ------------------------------------------------------------------ generation
@@ -258,9 +260,12 @@ class Llama:
             if keep == len(todo):
                 keep -= 1  # re-evaluate one token so the logits belong to this prompt
             self.n_tokens = max(keep, 0)
+            self.timings["reused_tokens"] = self.n_tokens
             todo = todo[self.n_tokens :]
+        phase = "prompt"
         while True:
-            self.eval(todo)
+            self._eval(todo, phase)
+            phase = "eval"
             logits = self.last_logits
             if logits_processor is not None:
                 logits = logits_processor(self._input_ids, logits)
