@@ -48,7 +48,9 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None, help="path to a .gguf file or a model name (default smollm2-135m)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
-    p.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size in tokens; 0 = model's (default 4096)")
+    p.add_argument(
+        "-c", "--ctx-size", type=int, default=4096, help="context size in tokens; 0 = model's (default 4096)"
+    )
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass (default 512)")
     p.add_argument("--no-mmap", action="store_true", help="read the model into memory instead of mapping it")
     p.add_argument("--mlock", action="store_true", help="pin the model in RAM (needs a high enough `ulimit -l`)")
@@ -60,8 +62,15 @@ def _load(args: argparse.Namespace) -> Any:
 
     if args.threads is not None and args.threads < 1:
         raise InvalidParameterError(f"--threads must be >= 1, got {args.threads}")
-    return Llama(args.model, n_ctx=args.ctx_size, n_batch=args.batch_size, n_threads=args.threads,
-                 use_mmap=not args.no_mmap, use_mlock=args.mlock, verbose=args.verbose)
+    return Llama(
+        args.model,
+        n_ctx=args.ctx_size,
+        n_batch=args.batch_size,
+        n_threads=args.threads,
+        use_mmap=not args.no_mmap,
+        use_mlock=args.mlock,
+        verbose=args.verbose,
+    )
 
 
 def _check_sampling(args: argparse.Namespace) -> None:
@@ -78,8 +87,14 @@ def _check_sampling(args: argparse.Namespace) -> None:
 
 
 def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
-            "repeat_penalty": args.repeat_penalty, "seed": None if args.seed < 0 else args.seed}
+    return {
+        "temperature": args.temp,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "min_p": args.min_p,
+        "repeat_penalty": args.repeat_penalty,
+        "seed": None if args.seed < 0 else args.seed,
+    }
 
 
 def _print_timings(llm: Any) -> None:
@@ -112,7 +127,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     if use_chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": prompt}]
+            {"role": "user", "content": prompt}
+        ]
         stream = llm.create_chat_completion(messages, max_tokens=max_tokens, stream=True, **_sampling_kwargs(args))
         for chunk in stream:
             text = chunk["choices"][0]["delta"].get("content", "")
@@ -196,8 +212,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         hp = HParams.from_gguf(g)
         print(f"context length:  {hp.n_ctx_train}")
         print(f"embedding:       {hp.n_embd}   layers: {hp.n_layer}   ffn: {hp.n_ff}")
-        print(f"heads:           {hp.n_head} (kv {hp.n_head_kv}, head dim {hp.head_dim_k})   rope: dims {hp.n_rot}, "
-              f"base {hp.rope_freq_base:g}")
+        print(
+            f"heads:           {hp.n_head} (kv {hp.n_head_kv}, head dim {hp.head_dim_k})   rope: dims {hp.n_rot}, "
+            f"base {hp.rope_freq_base:g}"
+        )
         if hp.sliding_window:
             print(f"sliding window:  {hp.sliding_window}")
         print(f"rms eps:         {hp.rms_eps:g}")
@@ -205,8 +223,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     except LmapError as e:
         print(f"hparams:         unavailable ({e})")
         n_vocab = len(md.get("tokenizer.ggml.tokens", []))
-    print(f"vocab:           {n_vocab} tokens, tokenizer {md.get('tokenizer.ggml.model', '?')} "
-          f"(pre: {md.get('tokenizer.ggml.pre', '-')})")
+    print(
+        f"vocab:           {n_vocab} tokens, tokenizer {md.get('tokenizer.ggml.model', '?')} "
+        f"(pre: {md.get('tokenizer.ggml.pre', '-')})"
+    )
     print(f"chat template:   {'yes' if md.get('tokenizer.chat_template') else 'no'}")
     print(f"tensors:         {len(g.tensors)}")
     by_type: Counter[str] = Counter()
@@ -228,7 +248,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(f"  {k:<10} {per_layer[k]:>14,}")
     if not args.layers and len(layers) > 1:
         print(f"  ... {len(layers)} layers x ~{per_layer[layers[0]]:,} (--layers shows each)")
-    print(f"  {'total':<10} {total:>14,}   ({total / 1e6:.1f} M, {8 * sum(bytes_by_type.values()) / total:.2f} bits/weight)")
+    print(
+        f"  {'total':<10} {total:>14,}   ({total / 1e6:.1f} M, "
+        f"{8 * sum(bytes_by_type.values()) / total:.2f} bits/weight)"
+    )
     return 0
 
 
@@ -244,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("-n", "--n-predict", type=int, default=-1, help="tokens to generate; -1 = until the end (default)")
     r.add_argument("--system", default=None, help="system message (chat mode)")
     mode = r.add_mutually_exclusive_group()
-    mode.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template (default if the model has one)")
+    mode.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the chat template (default if the model has one)"
+    )
     mode.add_argument("--raw", action="store_true", help="feed the prompt as plain text")
     _sampling_args(r)
     r.set_defaults(func=cmd_run)
@@ -270,8 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
-                        format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
     try:
         return int(args.func(args) or 0)
     except LmapError as e:

@@ -18,6 +18,7 @@ the field and its byte offset, never a crash, hang or huge allocation.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import struct
@@ -50,11 +51,31 @@ _SCALARS: dict[int, tuple[str, str]] = {
 }
 _STRING = 8
 _ARRAY = 9
-_NUMPY_DTYPES = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
+_NUMPY_DTYPES = {
+    0: "<u1",
+    1: "<i1",
+    2: "<u2",
+    3: "<i2",
+    4: "<u4",
+    5: "<i4",
+    6: "<f4",
+    7: "<u1",
+    10: "<u8",
+    11: "<i8",
+    12: "<f8",
+}
 
 # dtype of the zero-copy view for element (non-block) formats
-_ELEMENT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
-                   "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64}
+_ELEMENT_DTYPES = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "F64": np.float64,
+    "I8": np.int8,
+    "I16": np.int16,
+    "I32": np.int32,
+    "I64": np.int64,
+}
 
 
 @dataclass(frozen=True)
@@ -109,7 +130,9 @@ class _Cursor:
         start = self.pos
         n = self.unpack("<Q", f"{what} length")
         if n > self.size - self.pos:
-            raise self.fail(f"{what}: string length {n} runs past end of file ({self.size - self.pos} bytes remain)", start)
+            raise self.fail(
+                f"{what}: string length {n} runs past end of file ({self.size - self.pos} bytes remain)", start
+            )
         raw = bytes(self.buf[self.pos : self.pos + n])
         self.pos += n
         try:
@@ -171,6 +194,7 @@ class GGUFFile:
         if n_tensors * 33 > c.size - c.pos:
             raise c.fail(f"tensor_count {n_tensors} cannot fit in a {c.size}-byte file", 8)
 
+        align_at = 16
         for i in range(n_kv):
             key_at = c.pos
             key = c.string(f"metadata key #{i}")
@@ -179,11 +203,15 @@ class GGUFFile:
             vt_at = c.pos
             vtype = c.unpack("<I", f"type of {key!r}")
             self.metadata[key] = self._value(c, vtype, key, vt_at, depth=0)
-            self.metadata_types[key] = self._type_name(vtype, self.metadata[key])
+            # an array's element type follows its value type (read back once _value has checked it is there)
+            etype = struct.unpack_from("<I", c.buf, vt_at + 4)[0] if vtype == _ARRAY else None
+            self.metadata_types[key] = self._type_name(vtype, etype)
+            if key == "general.alignment":
+                align_at = vt_at
 
         align = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
-            raise GGUFError(f"{self.path}: general.alignment must be a power of two, got {align!r}")
+            raise c.fail(f"general.alignment must be a power of two, got {align!r}", align_at)
         self.alignment = align
 
         infos: list[tuple[str, tuple[int, ...], BlockFormat, int, int]] = []
@@ -213,8 +241,11 @@ class GGUFFile:
             if n_el >= 1 << 62:
                 raise c.fail(f"tensor {name!r}: {n_el} elements is absurd", tt_at - 8 * n_dims)
             if shape[0] % fmt.block_size:
-                raise c.fail(f"tensor {name!r}: row length {shape[0]} is not a multiple of the {fmt.name} block size {fmt.block_size}",
-                             tt_at - 8 * n_dims)
+                raise c.fail(
+                    f"tensor {name!r}: row length {shape[0]} is not a multiple of the "
+                    f"{fmt.name} block size {fmt.block_size}",
+                    tt_at - 8 * n_dims,
+                )
             if rel % align:
                 raise c.fail(f"tensor {name!r}: offset {rel} is not a multiple of general.alignment {align}", c.pos - 8)
             nbytes = n_el // fmt.block_size * fmt.type_size
@@ -227,9 +258,10 @@ class GGUFFile:
         for name, shape, fmt, rel, nbytes in infos:
             start = self.data_offset + rel
             if start + nbytes > self.size:
-                raise GGUFError(
-                    f"{self.path}: tensor {name!r} data [{start}, {start + nbytes}) runs past the end of the file "
-                    f"({self.size} bytes): truncated or corrupt file"
+                raise c.fail(
+                    f"tensor {name!r} data [{start}, {start + nbytes}) runs past the end of the file "
+                    f"({self.size} bytes): truncated or corrupt file",
+                    start,
                 )
             self.tensors[name] = TensorInfo(name, shape, fmt, start, nbytes)
 
@@ -291,14 +323,14 @@ class GGUFFile:
         return out
 
     @staticmethod
-    def _type_name(vtype: int, value: Any) -> str:
+    def _type_name(vtype: int, etype: int | None) -> str:
         if vtype in _SCALARS:
             return _SCALARS[vtype][0]
         if vtype == _STRING:
             return "string"
-        if isinstance(value, np.ndarray):
-            return f"array[{value.dtype}]"
-        if value and isinstance(value[0], str):
+        if etype in _SCALARS:
+            return f"array[{_SCALARS[etype][0]}]"
+        if etype == _STRING:
             return "array[string]"
         return "array"
 
@@ -351,10 +383,8 @@ class GGUFFile:
     def close(self) -> None:
         self._bytes = np.empty(0, dtype=np.uint8)
         if self._map is not None:
-            try:
+            with contextlib.suppress(BufferError):  # views still alive: the mapping goes when they do
                 self._map.close()
-            except BufferError:
-                pass  # views still alive; the mapping goes when they do
 
     def __enter__(self) -> GGUFFile:
         return self

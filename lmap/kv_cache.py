@@ -16,8 +16,16 @@ CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}
 
 
 class KVCache:
-    def __init__(self, n_layer: int, n_ctx: int, n_head_kv: int, head_dim_k: int, head_dim_v: int,
-                 type_k: str = "f16", type_v: str = "f16") -> None:
+    def __init__(
+        self,
+        n_layer: int,
+        n_ctx: int,
+        n_head_kv: int,
+        head_dim_k: int,
+        head_dim_v: int,
+        type_k: str = "f16",
+        type_v: str = "f16",
+    ) -> None:
         for name, t in (("type_k", type_k), ("type_v", type_v)):
             if t not in CACHE_TYPES:
                 raise InvalidParameterError(f"{name}={t!r}: supported cache types are {', '.join(CACHE_TYPES)}")

@@ -109,17 +109,27 @@ class Llama:
         self._seed = seed
         if use_mlock:
             self._gguf.lock()
-        self.timings = {"load_ms": 0.0, "prompt_tokens": 0, "prompt_ms": 0.0, "eval_tokens": 0, "eval_ms": 0.0,
-                        "reused_tokens": 0}
+        self.timings = {
+            "load_ms": 0.0,
+            "prompt_tokens": 0,
+            "prompt_ms": 0.0,
+            "eval_tokens": 0,
+            "eval_ms": 0.0,
+            "reused_tokens": 0,
+        }
         self._warm_up()
         self.timings["load_ms"] = (time.perf_counter() - t0) * 1e3
         template = self.metadata.get("tokenizer.chat_template")
         tok = self._tokenizer
-        self._chat_template = ChatTemplate(
-            template,
-            bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else "",
-            eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None and tok.eos_id >= 0 else "",
-        ) if template else None
+        self._chat_template = (
+            ChatTemplate(
+                template,
+                bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else "",
+                eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None and tok.eos_id >= 0 else "",
+            )
+            if template
+            else None
+        )
 
     # ------------------------------------------------------------------ basics
     def _warm_up(self) -> None:
@@ -155,7 +165,9 @@ class Llama:
         """Token ids of ``text``; ``add_bos`` adds BOS only when the model's metadata asks for it (as llama.cpp)."""
         return self._tokenizer.encode(text, add_special=add_bos, parse_special=special)
 
-    def detokenize(self, tokens: Sequence[int], prev_tokens: Sequence[int] | None = None, special: bool = False) -> bytes:
+    def detokenize(
+        self, tokens: Sequence[int], prev_tokens: Sequence[int] | None = None, special: bool = False
+    ) -> bytes:
         return self._tokenizer.decode(list(tokens), special=special)
 
     def set_seed(self, seed: int) -> None:
@@ -215,13 +227,29 @@ class Llama:
             self.timings[k] = 0
 
     # ------------------------------------------------------------------ generation
-    def _make_sampler(self, *, temp: float, top_k: int, top_p: float, min_p: float, typical_p: float,
-                      repeat_penalty: float, frequency_penalty: float, presence_penalty: float,
-                      seed: int | None, logit_bias: dict[int, float] | None) -> Sampler:
+    def _make_sampler(
+        self,
+        *,
+        temp: float,
+        top_k: int,
+        top_p: float,
+        min_p: float,
+        typical_p: float,
+        repeat_penalty: float,
+        frequency_penalty: float,
+        presence_penalty: float,
+        seed: int | None,
+        logit_bias: dict[int, float] | None,
+    ) -> Sampler:
         s = self._seed if seed is None else seed
         params = SamplingParams(
-            temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-            repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
+            temperature=temp,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
             presence_penalty=presence_penalty,
             seed=None if s in (LLAMA_DEFAULT_SEED, -1) else s,
             logit_bias=logit_bias,
@@ -251,9 +279,18 @@ class Llama:
 
         With ``reset`` the longest prefix shared with the context is kept and only the rest is evaluated.
         """
-        sampler = self._make_sampler(temp=temp, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                                     repeat_penalty=repeat_penalty, frequency_penalty=frequency_penalty,
-                                     presence_penalty=presence_penalty, seed=seed, logit_bias=logit_bias)
+        sampler = self._make_sampler(
+            temp=temp,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            seed=seed,
+            logit_bias=logit_bias,
+        )
         todo = list(tokens)
         if reset:
             keep = self._common_prefix(todo)
@@ -313,18 +350,35 @@ class Llama:
         if logprobs is not None and logprobs < 0:
             raise InvalidParameterError(f"logprobs must be >= 0, got {logprobs}")
         gen = self._completion_chunks(
-            prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p,
-            typical_p=typical_p, logprobs=logprobs, echo=echo, stop=stop, frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, top_k=top_k, seed=seed,
-            model=model, stopping_criteria=stopping_criteria, logits_processor=logits_processor,
-            logit_bias=logit_bias, special=kwargs.pop("_special", False),
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            logprobs=logprobs,
+            echo=echo,
+            stop=stop,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            repeat_penalty=repeat_penalty,
+            top_k=top_k,
+            seed=seed,
+            model=model,
+            stopping_criteria=stopping_criteria,
+            logits_processor=logits_processor,
+            logit_bias=logit_bias,
+            special=kwargs.pop("_special", False),
         )
         if stream:
             return gen
         text = []
         last: dict[str, Any] = {}
-        lp: dict[str, list[Any]] | None = {"tokens": [], "text_offset": [], "token_logprobs": [],
-                                            "top_logprobs": []} if logprobs is not None else None
+        lp: dict[str, list[Any]] | None = (
+            {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+            if logprobs is not None
+            else None
+        )
         for chunk in gen:
             c = chunk["choices"][0]
             text.append(c["text"])
@@ -334,7 +388,10 @@ class Llama:
             last = chunk
         choice = last["choices"][0]
         return {
-            "id": last["id"], "object": "text_completion", "created": last["created"], "model": last["model"],
+            "id": last["id"],
+            "object": "text_completion",
+            "created": last["created"],
+            "model": last["model"],
             "choices": [{"text": "".join(text), "index": 0, "logprobs": lp, "finish_reason": choice["finish_reason"]}],
             "usage": last["usage"],
         }
@@ -347,12 +404,27 @@ class Llama:
         return list(prompt)
 
     def _completion_chunks(
-        self, prompt: str | list[int], *, max_tokens: int | None, temperature: float, top_p: float, min_p: float,
-        typical_p: float, logprobs: int | None, echo: bool, stop: str | list[str] | None, frequency_penalty: float,
-        presence_penalty: float, repeat_penalty: float, top_k: int, seed: int | None, model: str | None,
+        self,
+        prompt: str | list[int],
+        *,
+        max_tokens: int | None,
+        temperature: float,
+        top_p: float,
+        min_p: float,
+        typical_p: float,
+        logprobs: int | None,
+        echo: bool,
+        stop: str | list[str] | None,
+        frequency_penalty: float,
+        presence_penalty: float,
+        repeat_penalty: float,
+        top_k: int,
+        seed: int | None,
+        model: str | None,
         stopping_criteria: Callable[[np.ndarray, np.ndarray], bool] | None,
         logits_processor: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
-        logit_bias: dict[int, float] | None, special: bool,
+        logit_bias: dict[int, float] | None,
+        special: bool,
     ) -> Iterator[dict[str, Any]]:
         cid = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
@@ -379,10 +451,16 @@ class Llama:
 
         def chunk(text: str, finish: str | None, n_completion: int, lp: dict[str, Any] | None = None) -> dict[str, Any]:
             return {
-                "id": cid, "object": "text_completion", "created": created, "model": model_name,
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": model_name,
                 "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
-                "usage": {"prompt_tokens": len(prompt_tokens), "completion_tokens": n_completion,
-                          "total_tokens": len(prompt_tokens) + n_completion},
+                "usage": {
+                    "prompt_tokens": len(prompt_tokens),
+                    "completion_tokens": n_completion,
+                    "total_tokens": len(prompt_tokens) + n_completion,
+                },
             }
 
         if echo:
@@ -391,11 +469,21 @@ class Llama:
         n_done = 0
         offset = 0
         t_start = time.perf_counter()
-        for tok in self.generate(prompt_tokens, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
-                                 temp=temperature, repeat_penalty=repeat_penalty,
-                                 frequency_penalty=frequency_penalty, presence_penalty=presence_penalty, seed=seed,
-                                 logit_bias=logit_bias, logits_processor=logits_processor,
-                                 stopping_criteria=stopping_criteria):
+        for tok in self.generate(
+            prompt_tokens,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            temp=temperature,
+            repeat_penalty=repeat_penalty,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            seed=seed,
+            logit_bias=logit_bias,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+        ):
             if n_done == 0:
                 self.timings["ttft_ms"] = (time.perf_counter() - t_start) * 1e3
             if tok in eog:
@@ -436,13 +524,17 @@ class Llama:
             "tokens": [piece],
             "text_offset": [offset],
             "token_logprobs": [float(lps[tok])],
-            "top_logprobs": [{self._tokenizer.token_to_piece(int(i)).decode("utf-8", errors="replace"): float(lps[i])
-                              for i in top}] if k else [None],
+            "top_logprobs": [
+                {self._tokenizer.token_to_piece(int(i)).decode("utf-8", errors="replace"): float(lps[i]) for i in top}
+            ]
+            if k
+            else [None],
         }
 
     # ------------------------------------------------------------------ chat
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            **kwargs: Any) -> list[int]:
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> list[int]:
         """Render ``messages`` with the model's chat template and tokenize it (specials parsed, no double BOS)."""
         if self._chat_template is None:
             self._chat_template = ChatTemplate(None, bos_token="", eos_token="")
@@ -478,10 +570,25 @@ class Llama:
             raise InvalidParameterError("messages must hold at least one message")
         prompt = self.apply_chat_template(messages)
         chunks = self._completion_chunks(
-            prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p, typical_p=typical_p,
-            logprobs=None, echo=False, stop=stop, frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty, repeat_penalty=repeat_penalty, top_k=top_k, seed=seed, model=model,
-            stopping_criteria=None, logits_processor=logits_processor, logit_bias=logit_bias, special=True,
+            prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            min_p=min_p,
+            typical_p=typical_p,
+            logprobs=None,
+            echo=False,
+            stop=stop,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            repeat_penalty=repeat_penalty,
+            top_k=top_k,
+            seed=seed,
+            model=model,
+            stopping_criteria=None,
+            logits_processor=logits_processor,
+            logit_bias=logit_bias,
+            special=True,
         )
         cid = f"chatcmpl-{uuid.uuid4()}"
 
@@ -497,9 +604,13 @@ class Llama:
                     delta["content"] = ch["text"]
                 if not delta and ch["finish_reason"] is None:
                     continue
-                out = {"id": cid, "object": "chat.completion.chunk", "created": c["created"], "model": c["model"],
-                       "choices": [{"index": 0, "delta": delta, "logprobs": None,
-                                    "finish_reason": ch["finish_reason"]}]}
+                out = {
+                    "id": cid,
+                    "object": "chat.completion.chunk",
+                    "created": c["created"],
+                    "model": c["model"],
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": ch["finish_reason"]}],
+                }
                 if ch["finish_reason"] is not None:
                     out["usage"] = c["usage"]
                 yield out
@@ -512,9 +623,18 @@ class Llama:
             text.append(c["choices"][0]["text"])
             last = c
         return {
-            "id": cid, "object": "chat.completion", "created": last["created"], "model": last["model"],
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": None,
-                         "finish_reason": last["choices"][0]["finish_reason"]}],
+            "id": cid,
+            "object": "chat.completion",
+            "created": last["created"],
+            "model": last["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "".join(text)},
+                    "logprobs": None,
+                    "finish_reason": last["choices"][0]["finish_reason"],
+                }
+            ],
             "usage": last["usage"],
         }
 

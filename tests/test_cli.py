@@ -14,8 +14,9 @@ import pytest
 
 def lmap(*args: str, timeout: float = 300, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    return subprocess.run([sys.executable, "-m", "lmap", *args], capture_output=True, text=True, timeout=timeout,
-                          input=stdin, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "lmap", *args], capture_output=True, text=True, timeout=timeout, input=stdin, env=env
+    )
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -101,8 +102,16 @@ def test_info_describes_smollm2(smollm2_path: Path) -> None:
     r = lmap("info", str(smollm2_path))
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    for needle in ("architecture:    llama", "context length:  8192", "49152 tokens, tokenizer gpt2", "chat template:   yes",
-                   "Q4_1", "Q8_0", "tensors:         272", "heads:           9 (kv 3"):
+    for needle in (
+        "architecture:    llama",
+        "context length:  8192",
+        "49152 tokens, tokenizer gpt2",
+        "chat template:   yes",
+        "Q4_1",
+        "Q8_0",
+        "tensors:         272",
+        "heads:           9 (kv 3",
+    ):
         assert needle in out, out
     # total parameters: SmolLM2-135M has 134.5 M (tied embeddings counted once)
     total = next(ln for ln in out.splitlines() if ln.strip().startswith("total"))
@@ -119,8 +128,16 @@ def test_run_streams_greedy_answer(smollm2_path: Path) -> None:
 
 @pytest.mark.slow
 def test_chat_keeps_cache_between_turns(smollm2_path: Path) -> None:
-    r = lmap("chat", "-m", str(smollm2_path), "--temp", "0", "-n", "24",
-             stdin="What is the capital of France?\nAnd of Germany?\n")
+    r = lmap(
+        "chat",
+        "-m",
+        str(smollm2_path),
+        "--temp",
+        "0",
+        "-n",
+        "24",
+        stdin="What is the capital of France?\nAnd of Germany?\n",
+    )
     assert r.returncode == 0, r.stderr
     evaluated = [int(ln.split("evaluated: ")[1].split(",")[0]) for ln in r.stderr.splitlines() if "evaluated:" in ln]
     reused = [int(ln.split("reused: ")[1].rstrip("]")) for ln in r.stderr.splitlines() if "reused:" in ln]

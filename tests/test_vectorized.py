@@ -57,6 +57,18 @@ def test_rmsnorm_and_swiglu_are_vectorized() -> None:
 def test_attention_is_vectorized() -> None:
     q = np.zeros((1, 4, 64), np.float32)
     kc = np.zeros((8, 2, 64), np.uint16)
-    asm = fresh_asm(ops.attention, q, kc, kc.copy(), np.zeros(1, np.int32), np.zeros(8, np.int32), 8, 0.125, 0, 0.0,
-                    np.zeros((numba.config.NUMBA_NUM_THREADS, 8), np.float32), np.zeros((1, 4, 64), np.float32))
+    asm = fresh_asm(
+        ops.attention,
+        q,
+        kc,
+        kc.copy(),
+        np.zeros(1, np.int32),
+        np.zeros(8, np.int32),
+        8,
+        0.125,
+        0,
+        0.0,
+        np.zeros((numba.config.NUMBA_NUM_THREADS, 8), np.float32),
+        np.zeros((1, 4, 64), np.float32),
+    )
     assert PACKED.search(asm)

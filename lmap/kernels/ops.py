@@ -58,7 +58,9 @@ def rmsnorm_heads(x: np.ndarray, w: np.ndarray, eps: float) -> None:
 
 
 @njit(cache=True, fastmath=False)
-def rope_cache(pos: np.ndarray, n_rot: int, freq_base: float, freq_scale: float, cos: np.ndarray, sin: np.ndarray) -> None:
+def rope_cache(
+    pos: np.ndarray, n_rot: int, freq_base: float, freq_scale: float, cos: np.ndarray, sin: np.ndarray
+) -> None:
     """cos/sin[t, i] of the rotation angles for positions ``pos`` ([n] int32 -> [n, n_rot/2]).
 
     Angles follow ggml's rope cache: theta_0 = p * freq_scale, theta_{i+1} = theta_i * base^(-2/n_rot),
@@ -194,7 +196,9 @@ def geglu(gate: np.ndarray, up: np.ndarray) -> None:
         for i in range(f):
             x = gate[t, i]
             gate[t, i] = (
-                np.float32(0.5) * x * (np.float32(1.0) + np.float32(math.tanh(c * x * (np.float32(1.0) + np.float32(0.044715) * x * x))))
+                np.float32(0.5)
+                * x
+                * (np.float32(1.0) + np.float32(math.tanh(c * x * (np.float32(1.0) + np.float32(0.044715) * x * x))))
                 * up[t, i]
             )
 

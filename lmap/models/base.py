@@ -177,22 +177,33 @@ class Model:
         self.output = w.matrix("output.weight") if w.has("output.weight") else self.token_embd
 
     # -- shared blocks --------------------------------------------------------------
-    def attention(self, l: int, s: Scratch, kv: KVCache, pos: np.ndarray, n: int, window: int = 0,
-                  scale: float | None = None) -> None:
-        """Store this batch's K/V for layer ``l`` and attend: s.q, s.k, s.v -> s.att."""
+    def attention(
+        self, il: int, s: Scratch, kv: KVCache, pos: np.ndarray, n: int, window: int = 0, scale: float | None = None
+    ) -> None:
+        """Store this batch's K/V for layer ``il`` and attend: s.q, s.k, s.v -> s.att."""
         hp = self.hp
         cells = s.cells[:n]
         if kv.type_k == "f16":
-            ops.store_kv_f16(s.k[:n], kv.k[l], cells)
+            ops.store_kv_f16(s.k[:n], kv.k[il], cells)
         else:
-            ops.store_kv_f32(s.k[:n], kv.k[l], cells)
+            ops.store_kv_f32(s.k[:n], kv.k[il], cells)
         if kv.type_v == "f16":
-            ops.store_kv_f16(s.v[:n], kv.v[l], cells)
+            ops.store_kv_f16(s.v[:n], kv.v[il], cells)
         else:
-            ops.store_kv_f32(s.v[:n], kv.v[l], cells)
-        ops.attention(s.q[:n], kv.k[l], kv.v[l], pos, kv.cell_pos, kv.n_used,
-                      scale if scale is not None else 1.0 / np.sqrt(hp.head_dim_k),
-                      window, hp.attn_softcap, s.scores, s.att[:n])
+            ops.store_kv_f32(s.v[:n], kv.v[il], cells)
+        ops.attention(
+            s.q[:n],
+            kv.k[il],
+            kv.v[il],
+            pos,
+            kv.cell_pos,
+            kv.n_used,
+            scale if scale is not None else 1.0 / np.sqrt(hp.head_dim_k),
+            window,
+            hp.attn_softcap,
+            s.scores,
+            s.att[:n],
+        )
 
     def logits(self, s: Scratch, n: int, all_logits: bool) -> np.ndarray:
         """Final norm and output projection; returns a view of s.logits ([n or 1, vocab])."""

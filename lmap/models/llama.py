@@ -1,11 +1,11 @@
 """Llama (and the many models that share its graph: SmolLM2, Mistral, TinyLlama ...).
 
-    x = token_embd[tokens]
-    for each layer:
-        h = attn_norm(x);  q, k, v = Wq h, Wk h, Wv h;  rope(q, k)  (adjacent-pair "norm" rope)
-        x = x + Wo attention(q, K, V)                               (grouped-query, causal)
-        h = ffn_norm(x);   x = x + Wdown (silu(Wgate h) * Wup h)
-    logits = output(output_norm(x))
+x = token_embd[tokens]
+for each layer:
+    h = attn_norm(x);  q, k, v = Wq h, Wk h, Wv h;  rope(q, k)  (adjacent-pair "norm" rope)
+    x = x + Wo attention(q, K, V)                               (grouped-query, causal)
+    h = ffn_norm(x);   x = x + Wdown (silu(Wgate h) * Wup h)
+logits = output(output_norm(x))
 """
 
 from __future__ import annotations

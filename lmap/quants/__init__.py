@@ -64,7 +64,9 @@ class QMatrix:
         self.format = info.format
         self.cols, self.rows = info.shape
         self.k = k
-        self.data = raw.reshape(self.rows, -1).view(k.view_dtype) if raw.dtype != k.view_dtype else raw.reshape(self.rows, -1)
+        self.data = (
+            raw.reshape(self.rows, -1).view(k.view_dtype) if raw.dtype != k.view_dtype else raw.reshape(self.rows, -1)
+        )
 
     @property
     def nbytes(self) -> int:

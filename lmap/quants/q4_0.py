@@ -37,6 +37,9 @@ def matvec(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
             s = np.float32(0.0)
             for j in range(16):
                 q = w[r, o + 2 + j]
-                s += np.float32(np.int32(q & 15) - 8) * x[b * BLOCK + j] + np.float32(np.int32(q >> 4) - 8) * x[b * BLOCK + 16 + j]
+                s += (
+                    np.float32(np.int32(q & 15) - 8) * x[b * BLOCK + j]
+                    + np.float32(np.int32(q >> 4) - 8) * x[b * BLOCK + 16 + j]
+                )
             acc += _scale(w, r, o) * s
         out[r] = acc
