@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
-import os
 import resource
 import signal
 import struct
@@ -59,31 +58,6 @@ from lmap.quants.formats import FORMATS, FORMATS_BY_NAME
 
 VT = gguf.GGUFValueType
 QT = GGMLQuantizationType
-MODELS_DIR = Path(os.environ.get("LMAP_TEST_MODELS", "/work/cache/models"))
-
-
-# ------------------------------------------------------------------ fixtures
-# Local fallbacks for the real models: they shadow tests/conftest.py's fixtures of the same
-# names (which resolve through lmap.registry) while that module does not exist yet.
-def _model(filename: str, registry_name: str) -> Path:
-    local = MODELS_DIR / filename
-    if local.is_file():
-        return local
-    try:
-        from lmap.registry import resolve_model  # type: ignore[import-not-found]
-    except ImportError:
-        pytest.skip(f"{filename} not in {MODELS_DIR} and lmap.registry is not available")
-    return Path(resolve_model(registry_name))
-
-
-@pytest.fixture(scope="session")
-def smollm2_path() -> Path:
-    return _model("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m")
-
-
-@pytest.fixture(scope="session")
-def gemma3_path() -> Path:
-    return _model("gemma-3-270m-q4_k_m.gguf", "gemma3-270m")
 
 
 def _root(a: np.ndarray) -> Any:
