@@ -10,6 +10,10 @@ Deliberate differences from llama-cpp-python (each for a reason):
   models lmap targets. ``n_ctx=0`` means the model's full training context.
 - ``n_threads`` defaults to every core this process may use (llama.cpp's CLI does
   the same); llama-cpp-python uses half.
+- ``activations="q8"`` (default) rounds activations to 8-bit blocks before each quantized
+  matrix product, exactly as llama.cpp does, so greedy output follows llama.cpp token for
+  token; ``activations="f32"`` computes exact float32 products (what transformers computes
+  from the same dequantized weights).
 - Without ``logits_all`` the logits of the last evaluated token are still kept
   (``Llama.last_logits``), so sampling never needs the n_ctx x n_vocab ``scores`` array.
 """
@@ -49,6 +53,20 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+# llama-cpp-python passes KV cache types as GGML type ids
+_GGML_CACHE_TYPES = {0: "f32", 1: "f16"}
+
+
+def _cache_type(t: str | int | None, name: str) -> str:
+    if t is None:
+        return "f16"
+    if isinstance(t, int) and not isinstance(t, bool):
+        if t not in _GGML_CACHE_TYPES:
+            raise InvalidParameterError(f"{name}={t}: supported GGML cache types are 0 (f32) and 1 (f16)")
+        return _GGML_CACHE_TYPES[t]
+    return str(t).lower()
+
+
 class Llama:
     """A GGUF model with a context, ready to generate.
 
@@ -67,8 +85,9 @@ class Llama:
         use_mmap: bool = True,
         use_mlock: bool = False,
         logits_all: bool = False,
-        type_k: str = "f16",
-        type_v: str = "f16",
+        type_k: str | int | None = None,
+        type_v: str | int | None = None,
+        activations: str = "q8",
         verbose: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -97,8 +116,11 @@ class Llama:
         self._n_ctx = min(n_ctx, hp.n_ctx_train) if n_ctx else hp.n_ctx_train
         self.n_batch = min(n_batch, self._n_ctx)
         self._logits_all = logits_all
+        type_k, type_v = _cache_type(type_k, "type_k"), _cache_type(type_v, "type_v")
         self._kv = KVCache(hp.n_layer, self._n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, type_k, type_v)
-        self._scratch = Scratch(hp, self.n_batch, self._n_ctx, self.n_batch if logits_all else 1)
+        if activations not in ("q8", "f32"):
+            raise InvalidParameterError(f"activations={activations!r}: expected 'q8' (as llama.cpp) or 'f32' (exact)")
+        self._scratch = Scratch(hp, self.n_batch, self._n_ctx, self.n_batch if logits_all else 1, activations)
         self.input_ids = np.zeros(self._n_ctx, dtype=np.intc)
         # np.zeros maps untouched pages lazily, so n_ctx x n_vocab costs only the rows evaluated
         self.scores = np.zeros((self._n_ctx if logits_all else 1, hp.n_vocab), dtype=np.single)

@@ -26,8 +26,19 @@ import numpy as np
 
 # GGUF value type ids
 U8, I8, U16, I16, U32, I32, F32, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
-SCALAR_CODES = {U8: "B", I8: "b", U16: "H", I16: "h", U32: "I", I32: "i", F32: "f", BOOL: "?", U64: "Q", I64: "q",
-                F64: "d"}
+SCALAR_CODES = {
+    U8: "B",
+    I8: "b",
+    U16: "H",
+    I16: "h",
+    U32: "I",
+    I32: "i",
+    F32: "f",
+    BOOL: "?",
+    U64: "Q",
+    I64: "q",
+    F64: "d",
+}
 
 # ggml type ids used here
 GGML_F32, GGML_F16, GGML_Q4_1, GGML_Q8_0 = 0, 1, 3, 8
@@ -70,12 +81,17 @@ def kv_string(key: str, value: str | bytes, e: str = "<") -> bytes:
     return kv(key, STRING, gstr(value, e), e)
 
 
-def tensor_info(name: str | bytes, shape: Sequence[int], ggml_type: int, offset: int, e: str = "<",
-                n_dims: int | None = None) -> bytes:
+def tensor_info(
+    name: str | bytes, shape: Sequence[int], ggml_type: int, offset: int, e: str = "<", n_dims: int | None = None
+) -> bytes:
     """A tensor info; ``n_dims`` overrides the count written (``shape`` is still written in full)."""
     nd = len(shape) if n_dims is None else n_dims
-    return (gstr(name, e) + struct.pack(e + "I", nd) + struct.pack(f"{e}{len(shape)}Q", *shape)
-            + struct.pack(e + "IQ", ggml_type, offset))
+    return (
+        gstr(name, e)
+        + struct.pack(e + "I", nd)
+        + struct.pack(f"{e}{len(shape)}Q", *shape)
+        + struct.pack(e + "IQ", ggml_type, offset)
+    )
 
 
 def pad_to(n: int, align: int) -> int:
@@ -96,9 +112,19 @@ class Built:
         return path
 
 
-def build(kvs: Sequence[bytes] = (), infos: Sequence[bytes] = (), data: bytes = b"", *, version: int = 3,
-          n_kv: int | None = None, n_tensors: int | None = None, alignment: int = 32, magic: bytes = b"GGUF",
-          e: str = "<", pad: bool = True) -> Built:
+def build(
+    kvs: Sequence[bytes] = (),
+    infos: Sequence[bytes] = (),
+    data: bytes = b"",
+    *,
+    version: int = 3,
+    n_kv: int | None = None,
+    n_tensors: int | None = None,
+    alignment: int = 32,
+    magic: bytes = b"GGUF",
+    e: str = "<",
+    pad: bool = True,
+) -> Built:
     """Header + key-values + tensor infos + padding + data. The counts default to the real ones."""
     out = bytearray(magic + struct.pack(e + "I", version))
     out += struct.pack(e + "QQ", len(infos) if n_tensors is None else n_tensors, len(kvs) if n_kv is None else n_kv)
@@ -134,9 +160,14 @@ class Meta:
     sub_type: gguf.GGUFValueType | None = None
 
 
-def write_reference(path: Path, meta: Sequence[Meta] = (),
-                    tensors: Sequence[tuple[str, np.ndarray, gguf.GGMLQuantizationType | None]] = (), *,
-                    alignment: int | None = None, arch: str = "test") -> Path:
+def write_reference(
+    path: Path,
+    meta: Sequence[Meta] = (),
+    tensors: Sequence[tuple[str, np.ndarray, gguf.GGMLQuantizationType | None]] = (),
+    *,
+    alignment: int | None = None,
+    arch: str = "test",
+) -> Path:
     """Write a GGUF with ``gguf.GGUFWriter``. Tensors are ``(name, array, raw_dtype)``; for a block
     format pass the bytes from ``gguf.quants.quantize`` and its type as ``raw_dtype``."""
     w = gguf.GGUFWriter(path, arch)

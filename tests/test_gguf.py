@@ -110,9 +110,19 @@ _ROUND_TRIP: list[tuple[str, Any, VT, VT | None, str]] = [
     ("t.a_nested_str", [["a", "b"], ["c"]], VT.ARRAY, VT.ARRAY, "array"),
     ("t.a_nested_nested", [[[1], [2, 3]], [[4]]], VT.ARRAY, VT.ARRAY, "array"),
 ]
-_NUMPY_OF = {VT.UINT8: np.uint8, VT.INT8: np.int8, VT.UINT16: np.uint16, VT.INT16: np.int16, VT.UINT32: np.uint32,
-             VT.INT32: np.int32, VT.UINT64: np.uint64, VT.INT64: np.int64, VT.FLOAT32: np.float32,
-             VT.FLOAT64: np.float64, VT.BOOL: np.bool_}
+_NUMPY_OF = {
+    VT.UINT8: np.uint8,
+    VT.INT8: np.int8,
+    VT.UINT16: np.uint16,
+    VT.INT16: np.int16,
+    VT.UINT32: np.uint32,
+    VT.INT32: np.int32,
+    VT.UINT64: np.uint64,
+    VT.INT64: np.int64,
+    VT.FLOAT32: np.float32,
+    VT.FLOAT64: np.float64,
+    VT.BOOL: np.bool_,
+}
 
 
 def _expected(value: Any, vtype: VT, sub: VT | None) -> Any:
@@ -126,8 +136,14 @@ def _expected(value: Any, vtype: VT, sub: VT | None) -> Any:
     if sub == VT.STRING:
         return list(value)
     # GGUFWriter infers nested element types: int -> INT32, str -> STRING, list -> ARRAY
-    return [_expected(v, VT.ARRAY, VT.STRING if v and isinstance(v[0], str) else
-                      VT.ARRAY if v and isinstance(v[0], list) else VT.INT32) for v in value]
+    return [
+        _expected(
+            v,
+            VT.ARRAY,
+            VT.STRING if v and isinstance(v[0], str) else VT.ARRAY if v and isinstance(v[0], list) else VT.INT32,
+        )
+        for v in value
+    ]
 
 
 def _assert_same(got: Any, want: Any, where: str) -> None:
@@ -216,26 +232,30 @@ def test_empty_arrays_and_non_utf8_strings(tmp_path: Path) -> None:
 
 
 @settings(max_examples=40, deadline=timedelta(seconds=2), suppress_health_check=[HealthCheck.too_slow])
-@given(items=st.dictionaries(
-    st.from_regex(r"[a-z][a-z0-9_]{0,8}(\.[a-z0-9_]{1,8}){0,2}", fullmatch=True).filter(
-        lambda k: k != "general.architecture"),
-    st.one_of(
-        st.tuples(st.just(VT.UINT8), st.integers(0, 255)),
-        st.tuples(st.just(VT.INT16), st.integers(-(2**15), 2**15 - 1)),
-        st.tuples(st.just(VT.UINT64), st.integers(0, 2**64 - 1)),
-        st.tuples(st.just(VT.INT64), st.integers(-(2**63), 2**63 - 1)),
-        st.tuples(st.just(VT.FLOAT32), st.floats(width=32, allow_nan=False)),
-        st.tuples(st.just(VT.FLOAT64), st.floats(allow_nan=False)),
-        st.tuples(st.just(VT.BOOL), st.booleans()),
-        st.tuples(st.just(VT.STRING), st.text(max_size=40)),
-        st.tuples(st.just(VT.STRING), st.lists(st.text(max_size=10), min_size=1, max_size=20)),
-        st.tuples(st.just(VT.INT32), st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=20)),
-        st.tuples(st.just(VT.FLOAT32), st.lists(st.floats(width=32), min_size=1, max_size=20)),
-    ),
-    max_size=8,
-))
-def test_random_metadata_round_trips(items: dict[str, tuple[VT, Any]], tmp_path_factory: pytest.TempPathFactory
-                                     ) -> None:
+@given(
+    items=st.dictionaries(
+        st.from_regex(r"[a-z][a-z0-9_]{0,8}(\.[a-z0-9_]{1,8}){0,2}", fullmatch=True).filter(
+            lambda k: k != "general.architecture"
+        ),
+        st.one_of(
+            st.tuples(st.just(VT.UINT8), st.integers(0, 255)),
+            st.tuples(st.just(VT.INT16), st.integers(-(2**15), 2**15 - 1)),
+            st.tuples(st.just(VT.UINT64), st.integers(0, 2**64 - 1)),
+            st.tuples(st.just(VT.INT64), st.integers(-(2**63), 2**63 - 1)),
+            st.tuples(st.just(VT.FLOAT32), st.floats(width=32, allow_nan=False)),
+            st.tuples(st.just(VT.FLOAT64), st.floats(allow_nan=False)),
+            st.tuples(st.just(VT.BOOL), st.booleans()),
+            st.tuples(st.just(VT.STRING), st.text(max_size=40)),
+            st.tuples(st.just(VT.STRING), st.lists(st.text(max_size=10), min_size=1, max_size=20)),
+            st.tuples(st.just(VT.INT32), st.lists(st.integers(-(2**31), 2**31 - 1), min_size=1, max_size=20)),
+            st.tuples(st.just(VT.FLOAT32), st.lists(st.floats(width=32), min_size=1, max_size=20)),
+        ),
+        max_size=8,
+    )
+)
+def test_random_metadata_round_trips(
+    items: dict[str, tuple[VT, Any]], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     meta = [Meta(k, v, VT.ARRAY, t) if isinstance(v, list) else Meta(k, v, t) for k, (t, v) in items.items()]
     path = write_reference(tmp_path_factory.mktemp("hyp", numbered=True) / "m.gguf", meta)
     g = GGUFFile(path)
@@ -437,8 +457,7 @@ def _cases() -> list[Any]:
     case("string_array_length_past_eof", b.data, ["'k'", "array of 1152921504606846976 strings"], b.kv_at[1] + 9)
     b = build([*one_kv, kv("k", ARRAY, struct.pack("<IQ", STRING, 2) + gstr("ab") + struct.pack("<Q", 10**6) + b"x")])
     case("string_in_array_past_eof", b.data, ["'k'", "string #1 length 1000000"], b.kv_at[1] + 35)
-    b = build([*one_kv, kv("k", ARRAY, struct.pack("<IQ", STRING, 3) + gstr("ab") + gstr("cd") + bytes(5))],
-              pad=False)
+    b = build([*one_kv, kv("k", ARRAY, struct.pack("<IQ", STRING, 3) + gstr("ab") + gstr("cd") + bytes(5))], pad=False)
     case("string_in_array_cut", b.data, ["'k'", "truncated string #2"], b.kv_at[1] + 45)
     b = build([*one_kv, kv("k", ARRAY, struct.pack("<IQ", ARRAY, 2**59))])
     case("nested_array_length_past_eof", b.data, ["'k'", "array of 576460752303423488 arrays"], b.kv_at[1] + 9)
@@ -495,8 +514,9 @@ def _cases() -> list[Any]:
 
 @pytest.mark.parametrize(("data", "subs", "offset"), _cases())
 @pytest.mark.parametrize("use_mmap", [True, False], ids=["mmap", "read"])
-def test_malformed_file_raises_gguf_error(tmp_path: Path, data: bytes, subs: list[str], offset: int | None,
-                                          use_mmap: bool) -> None:
+def test_malformed_file_raises_gguf_error(
+    tmp_path: Path, data: bytes, subs: list[str], offset: int | None, use_mmap: bool
+) -> None:
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
     msg = _error(path, use_mmap=use_mmap)
@@ -519,14 +539,24 @@ def test_nesting_limit_boundary(tmp_path: Path) -> None:
 
 def test_valid_hand_built_files_load(tmp_path: Path) -> None:
     """The builder's baseline files are valid (so the cases above fail for the stated reason)."""
-    for i, b in enumerate([minimal(), minimal(version=2), build([kv_scalar("general.alignment", U32, 1)],
-                                                                   [tensor_info("t", (3,), GGML_F32, 0)],
-                                                                   np.ones(3, "<f4").tobytes(), alignment=1)]):
+    for i, b in enumerate(
+        [
+            minimal(),
+            minimal(version=2),
+            build(
+                [kv_scalar("general.alignment", U32, 1)],
+                [tensor_info("t", (3,), GGML_F32, 0)],
+                np.ones(3, "<f4").tobytes(),
+                alignment=1,
+            ),
+        ]
+    ):
         g = GGUFFile(b.write(tmp_path / f"ok{i}.gguf"))
         assert g.data_offset == b.data_offset
         assert gguf.GGUFReader(tmp_path / f"ok{i}.gguf").data_offset == b.data_offset
-    np.testing.assert_array_equal(GGUFFile(tmp_path / "ok0.gguf").tensor("t"),
-                                  np.arange(64, dtype=np.float32).reshape(2, 32))
+    np.testing.assert_array_equal(
+        GGUFFile(tmp_path / "ok0.gguf").tensor("t"), np.arange(64, dtype=np.float32).reshape(2, 32)
+    )
 
 
 def test_missing_path_and_directory(tmp_path: Path) -> None:
@@ -635,8 +665,10 @@ def test_gemma3_parse_time(gemma3_path: Path, capsys: pytest.CaptureFixture[str]
         g.close()
     assert len(g.metadata["tokenizer.ggml.tokens"]) == 262144 and len(g.tensors) == 236
     with capsys.disabled():
-        print(f"\n[test_gguf] GGUFFile({gemma3_path.name}): parse {min(times) * 1e3:.0f} ms best of 3 "
-              f"(first {times[0] * 1e3:.0f} ms), 262144-token vocabulary, {len(g.tensors)} tensors")
+        print(
+            f"\n[test_gguf] GGUFFile({gemma3_path.name}): parse {min(times) * 1e3:.0f} ms best of 3 "
+            f"(first {times[0] * 1e3:.0f} ms), 262144-token vocabulary, {len(g.tensors)} tensors"
+        )
 
 
 # ------------------------------------------------------------------ fuzzing
@@ -745,10 +777,14 @@ def test_fuzz_corrupted_seed(fuzz_seed: tuple[bytes, list[tuple[int, int]], Path
                 continue
             old = int.from_bytes(raw[at : at + size], "little")
             bits = 8 * size
-            value = data.draw(st.one_of(st.sampled_from(_HUGE_U64 if size == 8 else _HUGE_U32),
-                                        st.integers(0, 2**bits - 1),
-                                        st.integers(-3, 3).map(lambda k, o=old, b=bits: (o + k) % 2**b)),
-                              label="value")
+            value = data.draw(
+                st.one_of(
+                    st.sampled_from(_HUGE_U64 if size == 8 else _HUGE_U32),
+                    st.integers(0, 2**bits - 1),
+                    st.integers(-3, 3).map(lambda k, o=old, b=bits: (o + k) % 2**b),
+                ),
+                label="value",
+            )
             raw[at : at + size] = value.to_bytes(size, "little")
         elif kind == "byte" and raw:
             at = data.draw(st.integers(0, len(raw) - 1), label="at")

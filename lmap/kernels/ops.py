@@ -210,3 +210,35 @@ def add_inplace(x: np.ndarray, y: np.ndarray) -> None:
     for t in range(n):
         for i in range(d):
             x[t, i] += y[t, i]
+
+
+@njit(cache=True, fastmath=False, parallel=True)
+def round_q8(x: np.ndarray, out: np.ndarray) -> None:
+    """out = x after llama.cpp's 8-bit activation quantization (Q8_0/Q8_1 blocks of 32), dequantized.
+
+    llama.cpp multiplies a quantized weight by activations quantized this way
+    (quantize_row_q8_0/q8_1: d = amax / 127 kept as f16, q = round(x / d)); doing the
+    same keeps lmap's logits within llama.cpp's own noise ([n, k], k % 32 == 0).
+    """
+    n, k = x.shape
+    for t in prange(n):
+        for b in range(k // 32):
+            amax = np.float32(0.0)
+            for j in range(32):
+                a = abs(x[t, b * 32 + j])
+                if a > amax:
+                    amax = a
+            d = amax / np.float32(127.0)
+            inv = np.float32(1.0) / d if d != 0.0 else np.float32(0.0)
+            dh = half_to_float(float_to_half(d))
+            for j in range(32):
+                out[t, b * 32 + j] = dh * np.float32(np.rint(x[t, b * 32 + j] * inv))
+
+
+@njit(cache=True, fastmath=False, parallel=True)
+def round_f16(x: np.ndarray, out: np.ndarray) -> None:
+    """out = x rounded to IEEE half (what llama.cpp does to activations meeting F16 weights)."""
+    n, k = x.shape
+    for t in prange(n):
+        for i in range(k):
+            out[t, i] = half_to_float(float_to_half(x[t, i]))

@@ -127,13 +127,13 @@ class Scratch:
     """Every activation buffer of a forward pass, allocated once for (n_batch, n_ctx).
 
     Shapes (B = n_batch): x, xb, xb2 [B, d]; q [B, H, hdk]; k [B, Hkv, hdk]; v [B, Hkv, hdv];
-    att [B, H, hdv]; hb, hb2 [B, ff]; tile [T, max_cols] for prefill dequantization;
+    att [B, H, hdv]; hb, hb2 [B, ff]; tile [T, max_cols] for prefill dequantization; xq [B, max_cols];
     scores [threads, n_ctx] for attention; cos/sin [B, n_rot/2]; logits [B or 1, vocab].
     """
 
     TILE_ELEMENTS = 1 << 20  # 4 MiB of float32 rows: enough for BLAS to run at speed
 
-    def __init__(self, hp: HParams, n_batch: int, n_ctx: int, logits_rows: int) -> None:
+    def __init__(self, hp: HParams, n_batch: int, n_ctx: int, logits_rows: int, activations: str = "q8") -> None:
         B = n_batch
         d, H, Hkv = hp.n_embd, hp.n_head, hp.n_head_kv
         self.x = np.zeros((B, d), np.float32)
@@ -147,6 +147,8 @@ class Scratch:
         self.hb2 = np.zeros((B, hp.n_ff), np.float32)
         max_cols = max(d, hp.n_ff, H * hp.head_dim_v)
         self.tile = np.zeros(max(self.TILE_ELEMENTS, max_cols), np.float32)
+        # xq [B * max_cols]: activations rounded as llama.cpp rounds them; None = exact float32 products
+        self.xq = np.zeros(B * max_cols, np.float32) if activations == "q8" else None
         self.scores = np.zeros((numba.config.NUMBA_NUM_THREADS, n_ctx), np.float32)
         self.cos = np.zeros((B, hp.n_rot // 2), np.float32)
         self.sin = np.zeros((B, hp.n_rot // 2), np.float32)
@@ -212,7 +214,7 @@ class Model:
         m = rows.shape[0]
         ops.rmsnorm(rows, self.output_norm, hp.rms_eps, s.xb[:m])
         out = s.logits[:m]
-        self.output.matmul(s.xb[:m], out, s.tile)
+        self.output.matmul(s.xb[:m], out, s.tile, s.xq)
         if hp.final_softcap:
             np.tanh(out / hp.final_softcap, out=out)
             out *= hp.final_softcap

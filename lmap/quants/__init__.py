@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import kernels as _kernels  # noqa: F401  (threading layer set-up before numba compiles)
 from ..errors import UnsupportedModelError
+from ..kernels import ops
 from . import floats, q4_0, q4_1, q8_0
 from .formats import FORMATS, FORMATS_BY_NAME, BlockFormat
 
@@ -29,15 +30,17 @@ class Kernels:
     view_dtype: type  # dtype of the array the kernels take: uint8 bytes for block formats
     dequantize_rows: Callable[..., None]  # (w, r0, r1, out[r1 - r0, n]) -> None
     matvec: Callable[..., None]  # (w, x[n], out[rows]) -> None
+    # llama.cpp's vec_dot_type: how it rounds activations before multiplying them by this format
+    activation: Callable[..., None] | None = None  # (x[n, k], out[n, k]) -> None
 
 
 KERNELS: dict[str, Kernels] = {
     "F32": Kernels(np.float32, floats.dequantize_rows_f32, floats.matvec_f32),
-    "F16": Kernels(np.uint16, floats.dequantize_rows_f16, floats.matvec_f16),
+    "F16": Kernels(np.uint16, floats.dequantize_rows_f16, floats.matvec_f16, ops.round_f16),
     "BF16": Kernels(np.uint16, floats.dequantize_rows_bf16, floats.matvec_bf16),
-    "Q8_0": Kernels(np.uint8, q8_0.dequantize_rows, q8_0.matvec),
-    "Q4_0": Kernels(np.uint8, q4_0.dequantize_rows, q4_0.matvec),
-    "Q4_1": Kernels(np.uint8, q4_1.dequantize_rows, q4_1.matvec),
+    "Q8_0": Kernels(np.uint8, q8_0.dequantize_rows, q8_0.matvec, ops.round_q8),
+    "Q4_0": Kernels(np.uint8, q4_0.dequantize_rows, q4_0.matvec, ops.round_q8),
+    "Q4_1": Kernels(np.uint8, q4_1.dequantize_rows, q4_1.matvec, ops.round_q8),
 }
 
 
@@ -85,12 +88,19 @@ class QMatrix:
         for t, i in enumerate(ids):
             self.k.dequantize_rows(self.data, int(i), int(i) + 1, out[t : t + 1])
 
-    def matmul(self, x: np.ndarray, out: np.ndarray, tile: np.ndarray) -> None:
+    def matmul(self, x: np.ndarray, out: np.ndarray, tile: np.ndarray, xq: np.ndarray | None = None) -> None:
         """out[n, rows] = x[n, cols] @ W.T for a batch: dequantize tiles of rows, then BLAS.
 
         ``tile`` is float32 scratch of at least [t, cols]; its row count sets the tile height.
         Decoding one token goes through :meth:`matvec` instead (no dequantized copy at all).
+        With ``xq`` (scratch of at least x.size floats) the activations are first rounded the
+        way llama.cpp rounds them for this format, so results track llama.cpp's token for token;
+        without it the product is exact float32.
         """
+        if xq is not None and self.k.activation is not None:
+            xr = xq.reshape(-1)[: x.size].reshape(x.shape)
+            self.k.activation(x, xr)
+            x = xr
         if x.shape[0] == 1:
             self.matvec(x[0], out[0])
             return

@@ -1,0 +1,311 @@
+"""The vocabulary as llama.cpp loads it: token attributes, special ids and the end-of-generation set.
+
+Follows ``llama_vocab::impl::load``: defaults per tokenizer model, metadata
+overrides, the detection of EOT/EOM/FIM tokens by their text, the "unused"
+marking, the EOG set with its model-specific exceptions, and the list of tokens
+that are matched literally in text.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ..errors import UnsupportedModelError
+from .pretokenize import PreTokenizer, pre_tokenizer_for
+from .specials import Special
+
+
+class TokenType(enum.IntEnum):
+    """A token's type as stored in ``tokenizer.ggml.token_type``."""
+
+    UNDEFINED = 0
+    NORMAL = 1
+    UNKNOWN = 2
+    CONTROL = 3
+    USER_DEFINED = 4
+    UNUSED = 5
+    BYTE = 6
+
+
+class TokenAttr(enum.IntFlag):
+    """llama.cpp's per-token attribute bits (``llama_token_attr``)."""
+
+    UNDEFINED = 0
+    UNKNOWN = 1 << 0
+    UNUSED = 1 << 1
+    NORMAL = 1 << 2
+    CONTROL = 1 << 3
+    USER_DEFINED = 1 << 4
+    BYTE = 1 << 5
+    NORMALIZED = 1 << 6
+    LSTRIP = 1 << 7
+    RSTRIP = 1 << 8
+    SINGLE_WORD = 1 << 9
+
+
+# token type -> attribute, indexed by type (types outside 0..6 become UNDEFINED)
+_TYPE_TO_ATTR = np.array([0, 4, 1, 8, 16, 2, 32], dtype=np.int32)
+
+# Candidate texts, in llama.cpp's order.  llama.cpp takes the first candidate it meets
+# while walking a hash map, which has no portable order; lmap takes the first in this
+# list, which agrees whenever the vocabulary holds only one of them.
+_EOT_TEXTS = (
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "<｜end▁of▁sentence｜>",
+    "<end_of_utterance>",
+)
+_EOM_TEXTS = ("<|eom_id|>",)
+_FIM_PRE_TEXTS = (
+    "<|fim_prefix|>",
+    "<fim-prefix>",
+    "<fim_prefix>",
+    "<｜fim▁begin｜>",
+    "<PRE>",
+    "▁<PRE>",
+    "<|code_prefix|>",
+    "<|prefix|>",
+)
+_FIM_SUF_TEXTS = (
+    "<|fim_suffix|>",
+    "<fim-suffix>",
+    "<fim_suffix>",
+    "<｜fim▁hole｜>",
+    "<SUF>",
+    "▁<SUF>",
+    "<|code_suffix|>",
+    "<|suffix|>",
+)
+_FIM_MID_TEXTS = (
+    "<|fim_middle|>",
+    "<fim-middle>",
+    "<fim_middle>",
+    "<｜fim▁end｜>",
+    "<MID>",
+    "▁<MID>",
+    "<|code_middle|>",
+    "<|middle|>",
+)
+_FIM_PAD_TEXTS = ("<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]")
+_FIM_REP_TEXTS = ("<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>")
+_FIM_SEP_TEXTS = ("<|file_sep|>",)
+# every token with one of these texts ends generation
+_EOG_TEXTS = (
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<｜end▁of▁sentence｜>",
+    "[e~[",
+)
+
+_K = "tokenizer.ggml."
+
+
+class Vocab:
+    """Tokens, their attributes and the special ids of one GGUF vocabulary."""
+
+    def __init__(self, md: Mapping[str, Any]) -> None:
+        model = md.get(_K + "model")
+        if model is None:
+            raise UnsupportedModelError(f"metadata has no {_K}model: this GGUF carries no tokenizer")
+        if model not in ("gpt2", "llama"):
+            raise UnsupportedModelError(f"{_K}model = {model!r} is not supported (supported: 'gpt2', 'llama')")
+        self.model: str = model
+        self.is_spm = model == "llama"
+        self.pre_name: str = md.get(_K + "pre") or ""
+
+        tokens = md.get(_K + "tokens")
+        if not isinstance(tokens, list) or not tokens:
+            raise UnsupportedModelError(f"{_K}tokens is missing or empty")
+        n = len(tokens)
+        t2i = dict(zip(tokens, range(n), strict=True))
+        if "" in t2i:  # llama.cpp names empty tokens so that they stay distinct
+            tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+            t2i = dict(zip(tokens, range(n), strict=True))
+        self.tokens: list[str] = tokens
+        self.token_to_id: dict[str, int] = t2i
+        self.n_vocab = n
+
+        types = md.get(_K + "token_type")
+        if types is None:
+            type_arr = np.full(n, TokenType.NORMAL, dtype=np.int32)
+        else:
+            # a copy: the metadata array may be a view into the file's memory map
+            type_arr = np.array(types, dtype=np.int32)
+            if type_arr.shape[0] < n:
+                raise UnsupportedModelError(f"{_K}token_type has {type_arr.shape[0]} entries for {n} tokens")
+            type_arr = type_arr[:n]
+        self.types = type_arr
+        in_range = (type_arr >= 0) & (type_arr < len(_TYPE_TO_ATTR))
+        attr_arr = np.where(in_range, _TYPE_TO_ATTR[np.clip(type_arr, 0, len(_TYPE_TO_ATTR) - 1)], 0)
+
+        scores = md.get(_K + "scores")
+        if scores is not None and len(scores) < n:
+            raise UnsupportedModelError(f"{_K}scores has {len(scores)} entries for {n} tokens")
+        self.scores: list[float] = [0.0] * n if scores is None else np.asarray(scores, dtype=np.float32)[:n].tolist()
+
+        # defaults that depend on the tokenizer model, before metadata overrides them
+        self.pre: PreTokenizer | None = None
+        if self.is_spm:
+            bos, eos, unk = 1, 2, 0
+            self.add_space_prefix = True
+            self.clean_spaces = False
+            self.add_bos, self.add_eos = True, False
+        else:
+            pre = pre_tokenizer_for(self.pre_name)
+            self.pre = pre
+            bos, eos, unk = 11, 11, None
+            self.add_space_prefix = False
+            self.clean_spaces = pre.clean_spaces
+            self.add_bos = bool(pre.add_bos)
+            self.add_eos = False
+            if pre.bos_null:
+                bos = None
+        v = md.get(_K + "add_space_prefix")
+        if v is not None:
+            self.add_space_prefix = bool(v)
+
+        ids: dict[str, int | None] = {
+            "bos": bos,
+            "eos": eos,
+            "eot": None,
+            "eom": None,
+            "unknown": unk,
+            "seperator": None,
+            "padding": None,
+            "mask": None,
+            "fim_pre": None,
+            "fim_suf": None,
+            "fim_mid": None,
+            "fim_pad": None,
+            "fim_rep": None,
+            "fim_sep": None,
+        }
+        for name in ids:
+            default = ids[name]
+            if default is not None and default >= n:
+                ids[name] = default = None
+            for key in (name, *{"fim_pre": ("prefix",), "fim_suf": ("suffix",), "fim_mid": ("middle",)}.get(name, ())):
+                value = md.get(f"{_K}{key}_token_id")
+                if value is not None and 0 <= int(value) < n:
+                    ids[name] = int(value)
+        for key, attr in (("add_bos_token", "add_bos"), ("add_eos_token", "add_eos")):
+            v = md.get(_K + key)
+            if v is not None:
+                setattr(self, attr, bool(v))
+
+        attrs: list[int] = attr_arr.tolist()
+        touched: set[int] = set()  # ids whose attributes differ from their declared type
+
+        def set_attr(tid: int, value: int) -> None:
+            attrs[tid] = value
+            touched.add(tid)
+
+        for name, texts in (
+            ("eot", _EOT_TEXTS),
+            ("eom", _EOM_TEXTS),
+            ("fim_pre", _FIM_PRE_TEXTS),
+            ("fim_suf", _FIM_SUF_TEXTS),
+            ("fim_mid", _FIM_MID_TEXTS),
+            ("fim_pad", _FIM_PAD_TEXTS),
+            ("fim_rep", _FIM_REP_TEXTS),
+            ("fim_sep", _FIM_SEP_TEXTS),
+        ):
+            if ids[name] is None:
+                for text in texts:
+                    tid = t2i.get(text)
+                    if tid is not None:
+                        ids[name] = tid
+                        set_attr(tid, attrs[tid] | TokenAttr.CONTROL)
+                        break
+
+        # control tokens named "...unused..." are unused (gemma's <unused0> and the like)
+        for tid in {*np.flatnonzero(attr_arr & TokenAttr.CONTROL).tolist(), *touched}:
+            if attrs[tid] & TokenAttr.CONTROL and "unused" in tokens[tid]:
+                set_attr(tid, attrs[tid] | TokenAttr.UNUSED)
+
+        eog: set[int] = {t for t in (ids["fim_pad"], ids["fim_rep"], ids["fim_sep"]) if t is not None}
+        for text in _EOG_TEXTS:
+            tid = t2i.get(text)
+            if tid is not None:
+                eog.add(tid)
+                set_attr(tid, attrs[tid] | TokenAttr.CONTROL)
+        # gpt-oss: these render even without special=True
+        for text in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
+            tid = t2i.get(text)
+            if tid is not None:
+                set_attr(tid, TokenAttr.USER_DEFINED)
+        for name in ("eos", "eot", "eom"):
+            tid = ids[name]
+            if tid is not None:
+                eog.add(tid)
+        eog_texts = {tokens[t]: t for t in eog}
+        # o200k_harmony and solar-open: "<|end|>" separates turns there, it does not end generation
+        has_call = "<|call|>" in eog_texts or "<|calls|>" in eog_texts
+        if "<|end|>" in eog_texts and has_call and ("<|return|>" in eog_texts or "<|flush|>" in eog_texts):
+            end_id = eog_texts["<|end|>"]
+            eog.discard(end_id)
+            set_attr(end_id, TokenAttr.USER_DEFINED)
+        # gemma4 and plamo have an ordinary "</s>"
+        if "</s>" in eog_texts and ("<|tool_response>" in eog_texts or "<|plamo:eos|>" in eog_texts):
+            s_id = eog_texts["</s>"]
+            eog.discard(s_id)
+            set_attr(s_id, TokenAttr.NORMAL)
+
+        # tokens matched literally in text, longest first (ties by id; llama.cpp's sort leaves them unordered)
+        literal = TokenAttr.CONTROL | TokenAttr.USER_DEFINED | TokenAttr.UNKNOWN
+        cand = sorted(t for t in {*np.flatnonzero(attr_arr & literal).tolist(), *touched} if attrs[t] & literal)
+
+        # phi-3 strips the whitespace to the right of its special tokens (set after the list above, as llama.cpp)
+        general_name = str(md.get("general.name", "")).lower()
+        if "phi-3" in general_name or "phi3" in general_name:
+            for tid in cand:
+                set_attr(tid, attrs[tid] | TokenAttr.RSTRIP)
+            for text, on in (("</s>", True), ("<unk>", False), ("<s>", False), ("<|endoftext|>", False)):
+                tid = t2i.get(text)
+                if tid is not None:
+                    set_attr(tid, attrs[tid] | TokenAttr.RSTRIP if on else attrs[tid] & ~TokenAttr.RSTRIP)
+
+        specials = [
+            Special(
+                t,
+                tokens[t],
+                parse_only=bool(attrs[t] & (TokenAttr.CONTROL | TokenAttr.UNKNOWN)),
+                lstrip=bool(attrs[t] & TokenAttr.LSTRIP),
+                rstrip=bool(attrs[t] & TokenAttr.RSTRIP),
+            )
+            for t in cand
+        ]
+        specials.sort(key=lambda s: -len(s.bytes_))
+        self.specials = specials
+        self.attrs = attrs
+        self.ids = ids
+        self.eog_ids: frozenset[int] = frozenset(eog)
