@@ -125,6 +125,9 @@ class Llama:
         # np.zeros maps untouched pages lazily, so n_ctx x n_vocab costs only the rows evaluated
         self.scores = np.zeros((self._n_ctx if logits_all else 1, hp.n_vocab), dtype=np.single)
         self.last_logits = np.zeros(hp.n_vocab, dtype=np.single)
+        # logits after the last prompt evaluated by generate(), and how many tokens that prompt had
+        self._prompt_logits = np.zeros(hp.n_vocab, dtype=np.single)
+        self._prompt_logits_len = -1
         self._pos = np.zeros(self.n_batch, dtype=np.int32)
         self._ids = np.zeros(self.n_batch, dtype=np.int32)
         self.n_tokens = 0
@@ -231,6 +234,8 @@ class Llama:
             bad = int(toks[(toks < 0) | (toks >= self.n_vocab())][0])
             raise InvalidParameterError(f"token id {bad} is outside the vocabulary [0, {self.n_vocab()})")
         self._kv.truncate(self.n_tokens)
+        if self.n_tokens < self._prompt_logits_len:
+            self._prompt_logits_len = -1  # the positions those logits came from are being rewritten
         t = time.perf_counter()
         for i in range(0, toks.size, self.n_batch):
             batch = toks[i : i + self.n_batch]
@@ -314,16 +319,30 @@ class Llama:
             logit_bias=logit_bias,
         )
         todo = list(tokens)
+        if not todo:
+            raise InvalidParameterError("generate() needs at least one prompt token")
+        replay = False
         if reset:
             keep = self._common_prefix(todo)
-            if keep == len(todo):
+            if keep == len(todo) and self._prompt_logits_len == keep:
+                # The same prompt again: sample from the logits saved when it was evaluated rather than
+                # re-evaluating its last token alone, whose rounding differs from the batched run.
+                replay = True
+            elif keep == len(todo):
                 keep -= 1  # re-evaluate one token so the logits belong to this prompt
             self.n_tokens = max(keep, 0)
             self.timings["reused_tokens"] = self.n_tokens
             todo = todo[self.n_tokens :]
         phase = "prompt"
         while True:
-            self._eval(todo, phase)
+            if replay:
+                self.last_logits[:] = self._prompt_logits
+                replay = False
+            else:
+                self._eval(todo, phase)
+                if phase == "prompt":
+                    self._prompt_logits[:] = self.last_logits
+                    self._prompt_logits_len = self.n_tokens
             phase = "eval"
             logits = self.last_logits
             if logits_processor is not None:
