@@ -108,3 +108,45 @@ def test_real_model_tensors_bit_exact(smollm2_path) -> None:
         ref = dequantize(np.asarray(t.data)[:rows], t.tensor_type).reshape(rows, m.cols)
         assert np.array_equal(out, ref), t.name
     assert {"Q4_1", "Q8_0"} <= seen
+
+
+def test_activation_quantization_equals_gguf_q8_0() -> None:
+    """ops.quantize_q8 produces the same int8 values and f16 scales as gguf's Q8_0 quantizer."""
+    from lmap.kernels import ops
+
+    x = np.random.default_rng(5).standard_normal(32 * 40).astype(np.float32) * 3
+    q, d, s = np.zeros(x.size, np.int8), np.zeros(40, np.float32), np.zeros(40, np.float32)
+    ops.quantize_q8(x, q, d, s)
+    ref = quantize(x.reshape(1, -1), gguf.GGMLQuantizationType.Q8_0).reshape(40, 34)
+    assert np.array_equal(ref[:, :2].copy().view(np.float16).astype(np.float32).reshape(-1), d)
+    assert np.array_equal(ref[:, 2:].copy().view(np.int8).reshape(-1), q)
+    # Q8_1's extra term: f16 of scale x sum(q), computed from the unrounded scale
+    unrounded = np.abs(x.reshape(40, 32)).max(axis=1) / np.float32(127)
+    expect = (q.reshape(40, 32).sum(axis=1).astype(np.float32) * unrounded).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(s, expect)
+
+
+@pytest.mark.parametrize("fmt", [f for f in QUANTIZABLE if KERNELS[f].matvec_q8 is not None])
+@pytest.mark.parametrize("rows,cols", [(1, 32), (7, 96), (257, 576)])
+def test_integer_matvec_matches_llama_cpp_arithmetic(fmt: str, rows: int, cols: int) -> None:
+    """The int8 SIMD product equals dequantized weights times dequantized 8-bit activations.
+
+    The only rounding besides float32 accumulation is Q8_1's f16 (scale x sum) term, bounded per block.
+    """
+    from lmap.kernels import ops
+
+    m, ref = make_matrix(fmt, rows, cols, seed=rows + cols)
+    x = np.random.default_rng(7).standard_normal(cols).astype(np.float32)
+    q, d, s = np.zeros(cols, np.int8), np.zeros(cols // 32, np.float32), np.zeros(cols // 32, np.float32)
+    ops.quantize_q8(x, q, d, s)
+    xr = (np.repeat(d, 32) * q).astype(np.float64)
+    out = np.zeros(rows, np.float32)
+    KERNELS[fmt].matvec_q8(m.data, q, d, s, out)
+    exact = ref.astype(np.float64) @ xr
+    bound = 1e-5 * (np.abs(ref) @ np.abs(xr)) + 1e-6
+    if fmt == "Q4_1":  # m_w * f16(d_x * sum q_x) instead of m_w * d_x * sum q_x
+        mins = ref.reshape(rows, -1, 32).min(axis=2)  # |m_w| <= |min of the block| for Q4_1
+        bound += np.abs(mins) @ np.abs(s) * 2.0**-10
+    assert np.all(np.abs(out - exact) <= bound), np.max(np.abs(out - exact) / bound)
+    # and against the unquantized activations, llama.cpp's test-quantize-fns bound
+    assert np.max(np.abs(out - ref.astype(np.float64) @ x)) / cols < MAX_DOT_PRODUCT_ERROR

@@ -72,3 +72,23 @@ def test_attention_is_vectorized() -> None:
         np.zeros((1, 4, 64), np.float32),
     )
     assert PACKED.search(asm)
+
+
+@pytest.mark.parametrize("fmt", sorted(f for f, k in KERNELS.items() if k.matvec_q8 is not None))
+def test_integer_matvec_uses_avx2_int8_madd(fmt: str) -> None:
+    from lmap.quants.formats import FORMATS_BY_NAME
+
+    k = KERNELS[fmt]
+    cols, rows = 256, 4
+    w = np.zeros((rows, FORMATS_BY_NAME[fmt].row_bytes(cols)), np.uint8)
+    nb = cols // 32
+    asm = fresh_asm(
+        k.matvec_q8,
+        w,
+        np.zeros(cols, np.int8),
+        np.zeros(nb, np.float32),
+        np.zeros(nb, np.float32),
+        np.zeros(rows, np.float32),
+    )
+    assert re.search(r"\bvpmaddubsw\b[^\n]*%ymm", asm), f"{fmt} integer matvec lost its vpmaddubsw"
+    assert re.search(r"\bvpmaddwd\b[^\n]*%ymm", asm)

@@ -242,3 +242,26 @@ def round_f16(x: np.ndarray, out: np.ndarray) -> None:
     for t in prange(n):
         for i in range(k):
             out[t, i] = half_to_float(float_to_half(x[t, i]))
+
+
+@njit(cache=True, fastmath=False)
+def quantize_q8(x: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray) -> None:
+    """Quantize activations x[k] to Q8_1 blocks of 32: int8 xq[k], f16-rounded scales xd[k/32], xs = f16(d * sum q).
+
+    llama.cpp's quantize_row_q8_1 (Q8_0 is the same without xs), done once per matrix-vector product.
+    """
+    for b in range(x.shape[0] // 32):
+        amax = np.float32(0.0)
+        for j in range(32):
+            a = abs(x[b * 32 + j])
+            if a > amax:
+                amax = a
+        d = amax / np.float32(127.0)
+        inv = np.float32(1.0) / d if d != 0.0 else np.float32(0.0)
+        s = 0
+        for j in range(32):
+            q = np.int32(np.rint(x[b * 32 + j] * inv))
+            xq[b * 32 + j] = np.int8(q)
+            s += q
+        xd[b] = half_to_float(float_to_half(d))
+        xs[b] = half_to_float(float_to_half(np.float32(s) * d))

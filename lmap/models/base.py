@@ -16,7 +16,7 @@ from ..errors import GGUFError, UnsupportedModelError
 from ..gguf import GGUFFile
 from ..kernels import ops
 from ..kv_cache import KVCache
-from ..quants import QMatrix
+from ..quants import ActScratch, QMatrix
 
 # field -> (GGUF key with {arch} placeholder, required)
 HPARAM_KEYS: dict[str, tuple[str, bool]] = {
@@ -148,7 +148,7 @@ class Scratch:
         max_cols = max(d, hp.n_ff, H * hp.head_dim_v)
         self.tile = np.zeros(max(self.TILE_ELEMENTS, max_cols), np.float32)
         # xq [B * max_cols]: activations rounded as llama.cpp rounds them; None = exact float32 products
-        self.xq = np.zeros(B * max_cols, np.float32) if activations == "q8" else None
+        self.xq = ActScratch(B, max_cols) if activations == "q8" else None
         self.scores = np.zeros((numba.config.NUMBA_NUM_THREADS, n_ctx), np.float32)
         self.cos = np.zeros((B, hp.n_rot // 2), np.float32)
         self.sin = np.zeros((B, hp.n_rot // 2), np.float32)
@@ -159,7 +159,8 @@ class Scratch:
 
     @property
     def nbytes(self) -> int:
-        return sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+        extra = self.xq.nbytes if self.xq is not None else 0
+        return extra + sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
 
 
 class Model:

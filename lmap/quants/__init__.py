@@ -22,7 +22,25 @@ from .formats import FORMATS, FORMATS_BY_NAME, BlockFormat
 if TYPE_CHECKING:
     from ..gguf import TensorInfo
 
-__all__ = ["KERNELS", "QMatrix", "BlockFormat", "FORMATS", "FORMATS_BY_NAME"]
+__all__ = ["KERNELS", "ActScratch", "QMatrix", "BlockFormat", "FORMATS", "FORMATS_BY_NAME"]
+
+
+class ActScratch:
+    """Buffers for activations rounded or quantized the way llama.cpp does before a quantized product.
+
+    f32 [n_batch * max_cols] holds rounded floats for the BLAS path (prefill); q int8 [max_cols],
+    d and s float32 [max_cols / 32] hold one quantized vector for the integer decode path.
+    """
+
+    def __init__(self, n_batch: int, max_cols: int) -> None:
+        self.f32 = np.zeros(n_batch * max_cols, np.float32)
+        self.q = np.zeros(max_cols, np.int8)
+        self.d = np.zeros(max(max_cols // 32, 1), np.float32)
+        self.s = np.zeros(max(max_cols // 32, 1), np.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return self.f32.nbytes + self.q.nbytes + self.d.nbytes + self.s.nbytes
 
 
 @dataclass(frozen=True)
@@ -32,15 +50,17 @@ class Kernels:
     matvec: Callable[..., None]  # (w, x[n], out[rows]) -> None
     # llama.cpp's vec_dot_type: how it rounds activations before multiplying them by this format
     activation: Callable[..., None] | None = None  # (x[n, k], out[n, k]) -> None
+    # integer product with activations quantized by ops.quantize_q8: (w, xq, xd, xs, out[rows]) -> None
+    matvec_q8: Callable[..., None] | None = None
 
 
 KERNELS: dict[str, Kernels] = {
     "F32": Kernels(np.float32, floats.dequantize_rows_f32, floats.matvec_f32),
     "F16": Kernels(np.uint16, floats.dequantize_rows_f16, floats.matvec_f16, ops.round_f16),
     "BF16": Kernels(np.uint16, floats.dequantize_rows_bf16, floats.matvec_bf16),
-    "Q8_0": Kernels(np.uint8, q8_0.dequantize_rows, q8_0.matvec, ops.round_q8),
-    "Q4_0": Kernels(np.uint8, q4_0.dequantize_rows, q4_0.matvec, ops.round_q8),
-    "Q4_1": Kernels(np.uint8, q4_1.dequantize_rows, q4_1.matvec, ops.round_q8),
+    "Q8_0": Kernels(np.uint8, q8_0.dequantize_rows, q8_0.matvec, ops.round_q8, q8_0.matvec_q8),
+    "Q4_0": Kernels(np.uint8, q4_0.dequantize_rows, q4_0.matvec, ops.round_q8, q4_0.matvec_q8),
+    "Q4_1": Kernels(np.uint8, q4_1.dequantize_rows, q4_1.matvec, ops.round_q8, q4_1.matvec_q8),
 }
 
 
@@ -88,17 +108,23 @@ class QMatrix:
         for t, i in enumerate(ids):
             self.k.dequantize_rows(self.data, int(i), int(i) + 1, out[t : t + 1])
 
-    def matmul(self, x: np.ndarray, out: np.ndarray, tile: np.ndarray, xq: np.ndarray | None = None) -> None:
+    def matmul(self, x: np.ndarray, out: np.ndarray, tile: np.ndarray, act: ActScratch | None = None) -> None:
         """out[n, rows] = x[n, cols] @ W.T for a batch: dequantize tiles of rows, then BLAS.
 
         ``tile`` is float32 scratch of at least [t, cols]; its row count sets the tile height.
         Decoding one token goes through :meth:`matvec` instead (no dequantized copy at all).
-        With ``xq`` (scratch of at least x.size floats) the activations are first rounded the
-        way llama.cpp rounds them for this format, so results track llama.cpp's token for token;
-        without it the product is exact float32.
+        With ``act`` the activations are first rounded (or, for one token, quantized to int8 and
+        multiplied in integer SIMD) the way llama.cpp does for this format, so results track
+        llama.cpp's token for token; without it the product is exact float32.
         """
-        if xq is not None and self.k.activation is not None:
-            xr = xq.reshape(-1)[: x.size].reshape(x.shape)
+        if act is not None and self.k.activation is not None:
+            if x.shape[0] == 1 and self.k.matvec_q8 is not None:
+                k = x.shape[1]
+                q, d, s = act.q[:k], act.d[: k // 32], act.s[: k // 32]
+                ops.quantize_q8(x[0], q, d, s)
+                self.k.matvec_q8(self.data, q, d, s, out[0])
+                return
+            xr = act.f32[: x.size].reshape(x.shape)
             self.k.activation(x, xr)
             x = xr
         if x.shape[0] == 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.simd import row_dot_q4_0_q8_0
 from .q8_0 import _scale
 
 BLOCK = 32
@@ -43,3 +44,15 @@ def matvec(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
                 )
             acc += _scale(w, r, o) * s
         out[r] = acc
+
+
+@njit(cache=True, parallel=True)
+def matvec_q8(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = dot(row r, activations quantized by ops.quantize_q8), in integer SIMD as llama.cpp."""
+    nb = xq.shape[0] // BLOCK
+    wp = w.ctypes.data
+    stride = w.strides[0]
+    xp = xq.ctypes.data
+    dp = xd.ctypes.data
+    for r in prange(w.shape[0]):
+        out[r] = row_dot_q4_0_q8_0(wp + r * stride, xp, dp, nb)

@@ -10,6 +10,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..kernels.half import half_to_float
+from ..kernels.simd import row_dot_q4_1_q8_1
 
 BLOCK = 32
 BYTES = 20
@@ -51,3 +52,16 @@ def matvec(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
                 sx += x0 + x1
             acc += _half(w, r, o) * s + _half(w, r, o + 2) * sx
         out[r] = acc
+
+
+@njit(cache=True, parallel=True)
+def matvec_q8(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = dot(row r, activations quantized by ops.quantize_q8), in integer SIMD as llama.cpp."""
+    nb = xq.shape[0] // BLOCK
+    wp = w.ctypes.data
+    stride = w.strides[0]
+    xp = xq.ctypes.data
+    dp = xd.ctypes.data
+    sp = xs.ctypes.data
+    for r in prange(w.shape[0]):
+        out[r] = row_dot_q4_1_q8_1(wp + r * stride, xp, dp, sp, nb)

@@ -6,6 +6,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..kernels.half import half_to_float
+from ..kernels.simd import row_dot_q8_0_q8_0
 
 BLOCK = 32
 BYTES = 34
@@ -41,3 +42,15 @@ def matvec(w: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
                 s += np.float32(np.int8(w[r, o + 2 + j])) * x[b * BLOCK + j]
             acc += _scale(w, r, o) * s
         out[r] = acc
+
+
+@njit(cache=True, parallel=True)
+def matvec_q8(w: np.ndarray, xq: np.ndarray, xd: np.ndarray, xs: np.ndarray, out: np.ndarray) -> None:
+    """out[r] = dot(row r, activations quantized by ops.quantize_q8), in integer SIMD as llama.cpp."""
+    nb = xq.shape[0] // BLOCK
+    wp = w.ctypes.data
+    stride = w.strides[0]
+    xp = xq.ctypes.data
+    dp = xd.ctypes.data
+    for r in prange(w.shape[0]):
+        out[r] = row_dot_q8_0_q8_0(wp + r * stride, xp, dp, nb)
