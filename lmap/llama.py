@@ -117,7 +117,18 @@ class Llama:
         self.n_batch = min(n_batch, self._n_ctx)
         self._logits_all = logits_all
         type_k, type_v = _cache_type(type_k, "type_k"), _cache_type(type_v, "type_v")
-        self._kv = KVCache(hp.n_layer, self._n_ctx, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v, type_k, type_v)
+        self._kv = KVCache(
+            hp.n_layer,
+            self._n_ctx,
+            hp.n_head_kv,
+            hp.head_dim_k,
+            hp.head_dim_v,
+            type_k,
+            type_v,
+            swa_layers=self._model.swa_layers,
+            window=hp.sliding_window,
+            n_batch=self.n_batch,
+        )
         if activations not in ("q8", "f32"):
             raise InvalidParameterError(f"activations={activations!r}: expected 'q8' (as llama.cpp) or 'f32' (exact)")
         self._scratch = Scratch(hp, self.n_batch, self._n_ctx, self.n_batch if logits_all else 1, activations)
@@ -323,7 +334,7 @@ class Llama:
             raise InvalidParameterError("generate() needs at least one prompt token")
         replay = False
         if reset:
-            keep = self._common_prefix(todo)
+            keep = self._kv.reusable(self._common_prefix(todo))
             if keep == len(todo) and self._prompt_logits_len == keep:
                 # The same prompt again: sample from the logits saved when it was evaluated rather than
                 # re-evaluating its last token alone, whose rounding differs from the batched run.

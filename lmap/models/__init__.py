@@ -5,10 +5,12 @@ from __future__ import annotations
 from ..errors import UnsupportedModelError
 from ..gguf import GGUFFile
 from .base import HParams, Model, Scratch, check_tensor_shapes
+from .gemma3 import Gemma3
 from .llama import Llama
 
 ARCHITECTURES: dict[str, type[Model]] = {
     "llama": Llama,
+    "gemma3": Gemma3,
 }
 
 __all__ = ["ARCHITECTURES", "HParams", "Model", "Scratch", "load_model"]

@@ -31,6 +31,7 @@ HPARAM_KEYS: dict[str, tuple[str, bool]] = {
     "rms_eps": ("{arch}.attention.layer_norm_rms_epsilon", False),
     "rope_freq_base": ("{arch}.rope.freq_base", False),
     "rope_scaling_factor": ("{arch}.rope.scaling.factor", False),
+    "rope_freq_base_swa": ("{arch}.rope.freq_base_swa", False),
     "n_rot": ("{arch}.rope.dimension_count", False),
     "n_vocab": ("{arch}.vocab_size", False),
     "sliding_window": ("{arch}.attention.sliding_window", False),
@@ -53,6 +54,7 @@ class HParams:
     rms_eps: float = 1e-5
     rope_freq_base: float = 10000.0
     rope_scaling_factor: float = 0.0
+    rope_freq_base_swa: float = 10000.0  # sliding-window layers' rope base (llama.cpp's default)
     n_rot: int = 0
     n_vocab: int = 0
     sliding_window: int = 0
@@ -154,7 +156,8 @@ class Scratch:
         self.sin = np.zeros((B, hp.n_rot // 2), np.float32)
         self.cos2 = np.zeros((B, hp.n_rot // 2), np.float32)  # second rope base (gemma3 local layers)
         self.sin2 = np.zeros((B, hp.n_rot // 2), np.float32)
-        self.cells = np.zeros(B, np.int32)
+        self.cells = np.zeros(B, np.int32)  # KV cells of this batch in full-attention layers
+        self.cells_swa = np.zeros(B, np.int32)  # and in sliding-window layers
         self.logits = np.zeros((logits_rows, hp.n_vocab), np.float32)
 
     @property
@@ -180,33 +183,34 @@ class Model:
         self.output = w.matrix("output.weight") if w.has("output.weight") else self.token_embd
 
     # -- shared blocks --------------------------------------------------------------
-    def attention(
-        self, il: int, s: Scratch, kv: KVCache, pos: np.ndarray, n: int, window: int = 0, scale: float | None = None
-    ) -> None:
+    def attention(self, il: int, s: Scratch, kv: KVCache, pos: np.ndarray, n: int, scale: float | None = None) -> None:
         """Store this batch's K/V for layer ``il`` and attend: s.q, s.k, s.v -> s.att."""
         hp = self.hp
-        cells = s.cells[:n]
-        if kv.type_k == "f16":
-            ops.store_kv_f16(s.k[:n], kv.k[il], cells)
-        else:
-            ops.store_kv_f32(s.k[:n], kv.k[il], cells)
-        if kv.type_v == "f16":
-            ops.store_kv_f16(s.v[:n], kv.v[il], cells)
-        else:
-            ops.store_kv_f32(s.v[:n], kv.v[il], cells)
+        m = kv.maps[il]
+        windowed = m is kv.swa
+        cells = s.cells_swa[:n] if windowed else s.cells[:n]
+        store_k = ops.store_kv_f16 if kv.type_k == "f16" else ops.store_kv_f32
+        store_v = ops.store_kv_f16 if kv.type_v == "f16" else ops.store_kv_f32
+        store_k(s.k[:n], kv.k[il], cells)
+        store_v(s.v[:n], kv.v[il], cells)
         ops.attention(
             s.q[:n],
             kv.k[il],
             kv.v[il],
             pos,
-            kv.cell_pos,
-            kv.n_used,
+            m.cell_pos,
+            m.n_used,
             scale if scale is not None else 1.0 / np.sqrt(hp.head_dim_k),
-            window,
+            kv.window if windowed else 0,
             hp.attn_softcap,
             s.scores,
             s.att[:n],
         )
+
+    @property
+    def swa_layers(self) -> list[bool]:
+        """Which layers use sliding-window attention (none, unless the architecture says so)."""
+        return [False] * self.hp.n_layer
 
     def logits(self, s: Scratch, n: int, all_logits: bool) -> np.ndarray:
         """Final norm and output projection; returns a view of s.logits ([n or 1, vocab])."""

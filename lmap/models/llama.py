@@ -51,7 +51,7 @@ class Llama(Model):
 
         self.token_embd.gather(tokens, x)
         ops.rope_cache(pos, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale, cos, sin)
-        kv.assign(pos, s.cells[:n])
+        kv.assign(pos, s.cells[:n], s.cells_swa[:n])
         for i, L in enumerate(self.layers):
             ops.rmsnorm(x, L.attn_norm, hp.rms_eps, xb)
             L.attn_q.matmul(xb, q.reshape(n, -1), s.tile, s.xq)
