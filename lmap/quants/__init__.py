@@ -16,8 +16,9 @@ import numpy as np
 from .. import kernels as _kernels  # noqa: F401  (threading layer set-up before numba compiles)
 from ..errors import UnsupportedModelError
 from ..kernels import ops
-from . import floats, q4_0, q4_1, q8_0
+from . import floats, iq4, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
 from .formats import FORMATS, FORMATS_BY_NAME, BlockFormat
+from .q8_k import quantize_q8_k, round_q8_k
 
 if TYPE_CHECKING:
     from ..gguf import TensorInfo
@@ -50,8 +51,10 @@ class Kernels:
     matvec: Callable[..., None]  # (w, x[n], out[rows]) -> None
     # llama.cpp's vec_dot_type: how it rounds activations before multiplying them by this format
     activation: Callable[..., None] | None = None  # (x[n, k], out[n, k]) -> None
-    # integer product with activations quantized by ops.quantize_q8: (w, xq, xd, xs, out[rows]) -> None
+    # integer product with activations quantized by ``quantize``: (w, xq, xd, xs, out[rows]) -> None
     matvec_q8: Callable[..., None] | None = None
+    # (x[k], xq int8[k], xd, xs) -> None: Q8_0 blocks of 32 or Q8_K blocks of 256, as llama.cpp pairs them
+    quantize: Callable[..., None] = ops.quantize_q8
 
 
 KERNELS: dict[str, Kernels] = {
@@ -61,6 +64,16 @@ KERNELS: dict[str, Kernels] = {
     "Q8_0": Kernels(np.uint8, q8_0.dequantize_rows, q8_0.matvec, ops.round_q8, q8_0.matvec_q8),
     "Q4_0": Kernels(np.uint8, q4_0.dequantize_rows, q4_0.matvec, ops.round_q8, q4_0.matvec_q8),
     "Q4_1": Kernels(np.uint8, q4_1.dequantize_rows, q4_1.matvec, ops.round_q8, q4_1.matvec_q8),
+    "Q5_0": Kernels(np.uint8, q5_0.dequantize_rows, q5_0.matvec, ops.round_q8, q5_0.matvec_q8),
+    "Q5_1": Kernels(np.uint8, q5_1.dequantize_rows, q5_1.matvec, ops.round_q8, q5_1.matvec_q8),
+    # K-quants and IQ4_XS meet activations quantized to Q8_K (256-blocks, float32 scale) in llama.cpp
+    "Q2_K": Kernels(np.uint8, q2_k.dequantize_rows, q2_k.matvec, round_q8_k, q2_k.matvec_q8k, quantize_q8_k),
+    "Q3_K": Kernels(np.uint8, q3_k.dequantize_rows, q3_k.matvec, round_q8_k, q3_k.matvec_q8k, quantize_q8_k),
+    "Q4_K": Kernels(np.uint8, q4_k.dequantize_rows, q4_k.matvec, round_q8_k, q4_k.matvec_q8k, quantize_q8_k),
+    "Q5_K": Kernels(np.uint8, q5_k.dequantize_rows, q5_k.matvec, round_q8_k, q5_k.matvec_q8k, quantize_q8_k),
+    "Q6_K": Kernels(np.uint8, q6_k.dequantize_rows, q6_k.matvec, round_q8_k, q6_k.matvec_q8k, quantize_q8_k),
+    "IQ4_NL": Kernels(np.uint8, iq4.dequantize_rows_nl, iq4.matvec_nl, ops.round_q8, iq4.matvec_q8_nl),
+    "IQ4_XS": Kernels(np.uint8, iq4.dequantize_rows_xs, iq4.matvec_xs, round_q8_k, iq4.matvec_q8k_xs, quantize_q8_k),
 }
 
 
@@ -121,7 +134,7 @@ class QMatrix:
             if x.shape[0] == 1 and self.k.matvec_q8 is not None:
                 k = x.shape[1]
                 q, d, s = act.q[:k], act.d[: k // 32], act.s[: k // 32]
-                ops.quantize_q8(x[0], q, d, s)
+                self.k.quantize(x[0], q, d, s)
                 self.k.matvec_q8(self.data, q, d, s, out[0])
                 return
             xr = act.f32[: x.size].reshape(x.shape)
