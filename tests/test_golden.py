@@ -20,6 +20,8 @@ import pytest
 FIXTURES = Path(__file__).parent / "fixtures"
 LLAMA_CPP_MARGIN = 0.15
 FLOAT_MARGIN = 0.01
+# share of llama.cpp's confident steps (margin >= 0.15) lmap's argmax must match, per model
+MIN_AGREEMENT = {"smollm2": 1.0, "gemma3": 0.98}
 
 pytestmark = pytest.mark.slow
 
@@ -28,16 +30,29 @@ def load_fixture(name: str) -> dict:
     return json.loads((FIXTURES / name).read_text())
 
 
-@pytest.fixture(scope="module")
-def smollm2_fixture() -> dict:
-    return load_fixture("greedy_smollm2.json")
+MODELS = {"smollm2": "greedy_smollm2.json", "gemma3": "greedy_gemma3.json"}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model_name(request) -> str:  # type: ignore[no-untyped-def]
+    return request.param
 
 
 @pytest.fixture(scope="module")
-def smollm2_llm(smollm2_path: Path):  # type: ignore[no-untyped-def]
+def model_path(model_name: str, request) -> Path:  # type: ignore[no-untyped-def]
+    return request.getfixturevalue(f"{model_name}_path")
+
+
+@pytest.fixture(scope="module")
+def fixture(model_name: str) -> dict:
+    return load_fixture(MODELS[model_name])
+
+
+@pytest.fixture(scope="module")
+def llm(model_path: Path):  # type: ignore[no-untyped-def]
     from lmap import Llama
 
-    return Llama(str(smollm2_path), n_ctx=2048, n_batch=512, logits_all=True, verbose=False)
+    return Llama(str(model_path), n_ctx=2048, n_batch=512, logits_all=True, verbose=False)
 
 
 def teacher_forced_scores(llm, case: dict) -> np.ndarray:  # type: ignore[no-untyped-def]
@@ -49,41 +64,51 @@ def teacher_forced_scores(llm, case: dict) -> np.ndarray:  # type: ignore[no-unt
     return llm.scores[start : start + len(case["generated_ids"])]
 
 
-def test_prompt_tokens_match_llama_cpp(smollm2_llm, smollm2_fixture) -> None:  # type: ignore[no-untyped-def]
-    for case in smollm2_fixture["prompts"]:
-        ids = smollm2_llm.tokenize(case["text"].encode(), add_bos=case["add_special"], special=case["parse_special"])
+def test_prompt_tokens_match_llama_cpp(llm, fixture) -> None:  # type: ignore[no-untyped-def]
+    for case in fixture["prompts"]:
+        ids = llm.tokenize(case["text"].encode(), add_bos=case["add_special"], special=case["parse_special"])
         assert ids == case["prompt_ids"], case["name"]
 
 
-def test_greedy_agrees_with_llama_cpp_batched(smollm2_llm, smollm2_fixture) -> None:  # type: ignore[no-untyped-def]
-    """Apples to apples: llama.cpp also evaluated prompt + continuation in one batch (``batched``)."""
-    total = 0
-    for case in smollm2_fixture["prompts"]:
-        scores = teacher_forced_scores(smollm2_llm, case)
+def test_greedy_agrees_with_llama_cpp_batched(llm, fixture, model_name: str) -> None:  # type: ignore[no-untyped-def]
+    """Apples to apples: llama.cpp also evaluated prompt + continuation in one batch (``batched``).
+
+    SmolLM2 must agree at every confident step. Gemma 3 (issue 3's bound) at >= 98 % of them:
+    llama.cpp's own batched and one-by-one runs agree on 99.2 % of gemma's confident steps.
+    """
+    total = agree = 0
+    misses = []
+    for case in fixture["prompts"]:
+        scores = teacher_forced_scores(llm, case)
         for i, ref in enumerate(case["batched"]):
             if ref["margin"] < LLAMA_CPP_MARGIN:
                 continue
             total += 1
             ours = int(np.argmax(scores[i]))
-            assert ours == ref["id"], (
-                f"{case['name']} step {i}: lmap {ours}, llama.cpp {ref['id']} (margin {ref['margin']:.3f})"
-            )
-    print(f"\nllama.cpp batched: {total}/{total} confident steps agree")
+            if ours == ref["id"]:
+                agree += 1
+            else:
+                misses.append(
+                    f"{case['name']} step {i}: lmap {ours}, llama.cpp {ref['id']} (margin {ref['margin']:.3f})"
+                )
+    print(f"\n{model_name} vs llama.cpp batched: {agree}/{total} confident steps agree; misses: {misses}")
     assert total >= 300
+    assert agree / total >= MIN_AGREEMENT[model_name], misses
 
 
-def test_greedy_agrees_with_llama_cpp_generation(smollm2_llm, smollm2_fixture) -> None:  # type: ignore[no-untyped-def]
+def test_greedy_agrees_with_llama_cpp_generation(llm, fixture, model_name: str) -> None:  # type: ignore[no-untyped-def]
     """Against llama.cpp's one-token-at-a-time run that produced the continuation.
 
-    Every confident step must agree, except where llama.cpp's own batched evaluation of the
-    same sequence is not confident (< 0.15) or disagrees: there the sequential margin is an
+    For SmolLM2 every confident step must agree, except where llama.cpp's own batched evaluation of
+    the same sequence is not confident (< 0.15) or disagrees: there the sequential margin is an
     artifact of llama.cpp's arithmetic, not a property of the model (the float32 transformers
     reference agrees with lmap at those steps; see test_logits_match_transformers_float32).
     """
     total = agree = excused = 0
     worst = 0.0
-    for case in smollm2_fixture["prompts"]:
-        scores = teacher_forced_scores(smollm2_llm, case)
+    unexcused = []
+    for case in fixture["prompts"]:
+        scores = teacher_forced_scores(llm, case)
         for i, step in enumerate(case["steps"]):
             top8 = np.array(step["top8"])
             worst = max(worst, float(np.abs(scores[i, top8[:, 0].astype(int)] - top8[:, 1]).max()))
@@ -95,42 +120,47 @@ def test_greedy_agrees_with_llama_cpp_generation(smollm2_llm, smollm2_fixture) -
                 agree += 1
                 continue
             batched = case["batched"][i]
-            llama_cpp_unsure = batched["margin"] < LLAMA_CPP_MARGIN or batched["id"] != step["id"]
-            assert llama_cpp_unsure, (
-                f"{case['name']} step {i}: lmap chose {ours}, llama.cpp {step['id']} (margin {step['margin']:.3f}, "
-                f"batched margin {batched['margin']:.3f})"
-            )
-            excused += 1
+            if batched["margin"] < LLAMA_CPP_MARGIN or batched["id"] != step["id"]:
+                excused += 1
+            else:
+                unexcused.append(
+                    f"{case['name']} step {i}: lmap {ours}, llama.cpp {step['id']} (margin {step['margin']:.3f}, "
+                    f"batched margin {batched['margin']:.3f})"
+                )
     print(
-        f"\nllama.cpp generation: {agree}/{total} confident steps agree ({excused} where llama.cpp's batched run "
-        f"is itself unsure); max |logit diff| on llama.cpp's top-8: {worst:.3f}"
+        f"\n{model_name} vs llama.cpp generation: {agree}/{total} confident steps agree ({excused} where llama.cpp's "
+        f"batched run is itself unsure); max |logit diff| on llama.cpp's top-8: {worst:.3f}; misses: {unexcused}"
     )
-    assert total >= 300 and agree >= total - 3
+    assert total >= 300
+    if MIN_AGREEMENT[model_name] == 1.0:
+        assert not unexcused, unexcused
+    else:
+        assert agree / total >= MIN_AGREEMENT[model_name], unexcused
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2_path: Path):  # type: ignore[no-untyped-def]
+def hf_model(model_path: Path):  # type: ignore[no-untyped-def]
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     torch.set_num_threads(2)
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(smollm2_path.parent), gguf_file=smollm2_path.name, dtype=torch.float32
+        str(model_path.parent), gguf_file=model_path.name, dtype=torch.float32
     )
     model.eval()
     return model
 
 
-def test_logits_match_transformers_float32(smollm2_path: Path, smollm2_fixture, hf_model) -> None:  # type: ignore[no-untyped-def]
+def test_logits_match_transformers_float32(model_path: Path, fixture, hf_model) -> None:  # type: ignore[no-untyped-def]
     import torch
 
     from lmap import Llama
 
     llm = Llama(
-        str(smollm2_path), n_ctx=2048, logits_all=True, type_k="f32", type_v="f32", activations="f32", verbose=False
+        str(model_path), n_ctx=2048, logits_all=True, type_k="f32", type_v="f32", activations="f32", verbose=False
     )
     worst = 0.0
     checked = 0
-    for case in smollm2_fixture["prompts"]:
+    for case in fixture["prompts"]:
         ids = case["prompt_ids"] + case["generated_ids"]
         with torch.no_grad():
             ref = hf_model(torch.tensor([ids])).logits[0].float().numpy()
