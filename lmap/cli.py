@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", default=None, help="path or model name (default smollm2-135m)")
     i.add_argument("--layers", action="store_true", help="parameter count of every layer")
     i.set_defaults(func=cmd_info)
+
+    from .bench import add_bench_parser  # argparse only; NumPy and Numba load when `bench` runs
+
+    add_bench_parser(sub)
     return p
 
 
