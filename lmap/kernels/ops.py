@@ -187,20 +187,54 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> None:
             gate[t, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[t, i]
 
 
+def _gelu_f16_table() -> np.ndarray:
+    """gelu_tanh at every IEEE half, rounded to half: ggml's ggml_table_gelu_f16 (as float32 [65536])."""
+    x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    with np.errstate(all="ignore"):
+        c = np.float32(math.sqrt(2.0 / math.pi))
+        # tanh in float64 then rounded: glibc's tanhf is (almost always) correctly rounded, NumPy's float32 tanh not
+        th = np.tanh((c * x * (np.float32(1.0) + np.float32(0.044715) * x * x)).astype(np.float64)).astype(np.float32)
+        g = np.float32(0.5) * x * (np.float32(1.0) + th)
+    return g.astype(np.float16).astype(np.float32)
+
+
+# llama.cpp computes GELU by looking up the half-rounded input in this table (GGML_GELU_FP16):
+# the same table gives the same activations, and a gather is ~10x cheaper than tanh here.
+GELU_F16_TABLE = _gelu_f16_table()
+EXACT = np.zeros(0, np.float32)  # pass as ``table`` for the exact float32 function
+
+
 @njit(cache=True, fastmath=True, parallel=True)
-def geglu(gate: np.ndarray, up: np.ndarray) -> None:
-    """gate = gelu_tanh(gate) * up, in place ([n, ff]) as ggml_gelu (tanh approximation)."""
+def geglu(gate: np.ndarray, up: np.ndarray, table: np.ndarray) -> None:
+    """gate = gelu_tanh(gate) * up, in place ([n, ff]), as ggml_vec_geglu_f32.
+
+    With ``table`` (GELU_F16_TABLE) it is llama.cpp's arithmetic: the input rounded to half indexes a
+    table of half-rounded GELU values, |x| >= 10 short-circuited. With an empty table (EXACT), the
+    float32 tanh formula (what transformers computes).
+    """
     n, f = gate.shape
     c = np.float32(math.sqrt(2.0 / math.pi))
+    lookup = table.shape[0] > 0
     for t in prange(n):
         for i in range(f):
             x = gate[t, i]
-            gate[t, i] = (
-                np.float32(0.5)
-                * x
-                * (np.float32(1.0) + np.float32(math.tanh(c * x * (np.float32(1.0) + np.float32(0.044715) * x * x))))
-                * up[t, i]
-            )
+            if lookup:
+                if x <= np.float32(-10.0):
+                    g = np.float32(0.0)
+                elif x >= np.float32(10.0):
+                    g = x
+                else:
+                    g = table[float_to_half(x)]
+            else:
+                g = (
+                    np.float32(0.5)
+                    * x
+                    * (
+                        np.float32(1.0)
+                        + np.float32(math.tanh(c * x * (np.float32(1.0) + np.float32(0.044715) * x * x)))
+                    )
+                )
+            gate[t, i] = g * up[t, i]
 
 
 @njit(cache=True, fastmath=True)

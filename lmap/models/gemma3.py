@@ -100,7 +100,7 @@ class Gemma3(Model):
             ops.rmsnorm(x, L.ffn_norm, hp.rms_eps, xb)
             L.ffn_gate.matmul(xb, hb, s.tile, s.xq)
             L.ffn_up.matmul(xb, hb2, s.tile, s.xq)
-            ops.geglu(hb, hb2)
+            ops.geglu(hb, hb2, ops.GELU_F16_TABLE if s.xq is not None else ops.EXACT)  # xq: llama.cpp arithmetic
             L.ffn_down.matmul(hb, xb2, s.tile, s.xq)
             ops.rmsnorm(xb2, L.post_ffw_norm, hp.rms_eps, xb2)
             ops.add_inplace(x, xb2)
