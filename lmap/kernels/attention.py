@@ -1,0 +1,185 @@
+"""Attention for a batch of queries (prefill) as two BLAS products around a compiled softmax.
+
+The one-query-at-a-time kernel (``ops.attention``) converts every half-precision key and
+value once per query and calls a scalar ``exp`` per score; for a 512-token prompt that
+made attention a third of prefill time. Here, per layer, the cache is converted to float32
+once ([Hkv, C, hd]), then per KV head and block of queries:
+
+    S = (Q_g * scale) @ K_h^T      BLAS; Q_g: the group's query heads, [T * group, hd]
+    P = softmax(mask(S))           compiled, parallel over rows, vector exp (``vexp``)
+    O_g = P @ V_h                  BLAS
+
+The causal upper triangle is computed and then masked: BLAS does the full rectangle faster
+than a loop does the triangle. Query blocks keep the score scratch at [T * group, C] with
+T chosen so it stays within ``SCORES_BYTES``, whatever the context length.
+
+Visibility is the same as ops.attention: a cell is seen by a query at position p when
+0 <= cell_pos <= p and, with a window w > 0, cell_pos > p - w.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+from .ops import _f32
+from .vexp import exp8_inplace
+
+SCORES_BYTES = 8 << 20  # score scratch per block of queries
+# Queries per block at most: smaller blocks skip more of the causal triangle (cells past a
+# block's last position are left out of its products) at the cost of more calls.
+MAX_BLOCK = 128
+
+
+class AttentionScratch:
+    """float32 buffers sized once from (n_batch, n_ctx) and the head shapes.
+
+    The score buffer holds [rows, n_cells] for however many rows fit: all of a batch's
+    queries at once while the context is short, fewer blocks of them as it fills.
+    """
+
+    def __init__(self, n_batch: int, n_ctx: int, n_head: int, n_head_kv: int, head_dim_k: int, head_dim_v: int) -> None:
+        group = n_head // n_head_kv
+        rows = n_batch * group
+        self.k = np.zeros((n_head_kv, n_ctx, head_dim_k), np.float32)
+        self.v = np.zeros((n_head_kv, n_ctx, head_dim_v), np.float32)
+        self.q = np.zeros((rows, head_dim_k), np.float32)
+        self.o = np.zeros((rows, head_dim_v), np.float32)
+        # at least one query's group of rows over the whole context
+        self.s = np.zeros(max(SCORES_BYTES // 4, group * n_ctx), np.float32)
+
+    def block(self, n: int, n_cells: int, group: int) -> int:
+        """Queries per block so that their scores over n_cells fit."""
+        return max(1, min(n, MAX_BLOCK, self.s.size // (group * max(n_cells, 1)), self.q.shape[0] // group))
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.k, self.v, self.q, self.s, self.o))
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _cache_to_f32(c: np.ndarray, n_cells: int, out: np.ndarray) -> None:
+    """out[h, j] = float32(c[j, h]) for j < n_cells (c: [C, Hkv, hd], half bits or float32)."""
+    nkv = c.shape[1]
+    hd = c.shape[2]
+    for j in prange(n_cells):
+        for h in range(nkv):
+            for i in range(hd):
+                out[h, j, i] = _f32(c[j, h, i])
+
+
+@njit(cache=True, fastmath=True)
+def _gather_q(q: np.ndarray, t0: int, t1: int, h0: int, group: int, scale: float, out: np.ndarray) -> None:
+    """out[(t - t0) * group + g] = q[t, h0 + g] * scale."""
+    sc = np.float32(scale)
+    for t in range(t0, t1):
+        for g in range(group):
+            r = (t - t0) * group + g
+            for i in range(q.shape[2]):
+                out[r, i] = q[t, h0 + g, i] * sc
+
+
+@njit(cache=True, fastmath=True)
+def _scatter_o(o: np.ndarray, t0: int, t1: int, h0: int, group: int, out: np.ndarray) -> None:
+    for t in range(t0, t1):
+        for g in range(group):
+            r = (t - t0) * group + g
+            for i in range(o.shape[1]):
+                out[t, h0 + g, i] = o[r, i]
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def _masked_softmax(
+    s: np.ndarray,  # [rows, n_cells]: scores in, probabilities out
+    group: int,
+    pos: np.ndarray,  # positions of this block's queries (row r is query r // group)
+    cell_pos: np.ndarray,
+    window: int,
+    softcap: float,
+) -> None:
+    rows, n_cells = s.shape
+    cap = np.float32(softcap)
+    ninf = np.float32(-np.inf)
+    n8 = n_cells // 8 * 8
+    for r in prange(rows):
+        p = pos[r // group]
+        lo = p - window if window > 0 else -1
+        row = s[r]
+        if cap > 0.0:
+            for j in range(n_cells):
+                row[j] = cap * np.float32(math.tanh(row[j] / cap))
+        mx = ninf
+        for j in range(n_cells):  # branch-free so it vectorizes
+            cp = cell_pos[j]
+            d = row[j] if (cp >= 0) & (cp <= p) & (cp > lo) else ninf
+            row[j] = d
+            mx = max(mx, d)
+        if mx == ninf:  # nothing visible: output zeros
+            for j in range(n_cells):
+                row[j] = np.float32(0.0)
+            continue
+        for j in range(n_cells):
+            row[j] -= mx
+        base = row.ctypes.data
+        for j in range(0, n8, 8):
+            exp8_inplace(base + 4 * j)
+        for j in range(n8, n_cells):
+            row[j] = np.float32(math.exp(row[j]))
+        total = np.float32(0.0)
+        for j in range(n_cells):
+            total += row[j]
+        inv = np.float32(1.0) / total
+        for j in range(n_cells):
+            row[j] *= inv
+
+
+@njit(cache=True)
+def _visible_span(cell_pos: np.ndarray, n_cells: int, pmin: int, pmax: int, window: int) -> tuple[int, int]:
+    """[j0, j1): the cells any query at positions pmin..pmax may see lie in this index range."""
+    j0, j1 = n_cells, 0
+    lo = pmin - window if window > 0 else -1
+    for j in range(n_cells):
+        cp = cell_pos[j]
+        if cp >= 0 and cp <= pmax and cp > lo:
+            j0 = min(j0, j)
+            j1 = j + 1
+    return j0, max(j0, j1)
+
+
+def attention_batch(
+    q: np.ndarray,  # [n, H, hd] float32
+    k: np.ndarray,  # [C, Hkv, hd] cache (float32 or uint16 half)
+    v: np.ndarray,  # [C, Hkv, hdv]
+    pos: np.ndarray,  # [n] int32
+    cell_pos: np.ndarray,  # [C] int32, -1 if empty
+    n_cells: int,
+    scale: float,
+    window: int,
+    softcap: float,
+    w: AttentionScratch,
+    out: np.ndarray,  # [n, H, hdv]
+) -> None:
+    """Same result as ops.attention (to float32 rounding), for many queries at once."""
+    n, nh, _ = q.shape
+    nkv = k.shape[1]
+    group = nh // nkv
+    kf, vf = w.k[:, :n_cells], w.v[:, :n_cells]
+    _cache_to_f32(k, n_cells, w.k)
+    _cache_to_f32(v, n_cells, w.v)
+    block = w.block(n, n_cells, group)
+    for t0 in range(0, n, block):
+        t1 = min(t0 + block, n)
+        rows = (t1 - t0) * group
+        pb = pos[t0:t1]
+        j0, j1 = _visible_span(cell_pos, n_cells, int(pb.min()), int(pb.max()), window)
+        nc = j1 - j0
+        for h in range(nkv):
+            qg, o = w.q[:rows], w.o[:rows]
+            s = w.s[: rows * nc].reshape(rows, nc)
+            _gather_q(q, t0, t1, h * group, group, scale, qg)
+            np.matmul(qg, kf[h, j0:j1].T, out=s)
+            _masked_softmax(s, group, pb, cell_pos[j0:j1], window, softcap)
+            np.matmul(s, vf[h, j0:j1], out=o)
+            _scatter_o(o, t0, t1, h * group, group, out)

@@ -1,0 +1,61 @@
+"""exp over 8 floats at a time, as LLVM vector IR.
+
+Numba lowers ``math.exp`` to a scalar libm call per element (no SVML here), which made
+softmax the slowest part of prefill attention. This is the Cephes single-precision
+polynomial (the one ggml's SIMD paths and most vector libraries use): range reduction
+x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for e^r, and 2^n built in the
+exponent bits. Relative error ~2 ulp over [-87, 88]; inputs below -87 give 0 (they
+only ever occur as masked or negligible softmax terms), above 88 give +inf.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+_i32 = ir.IntType(32)
+_f32 = ir.FloatType()
+_V = 8
+_vf = ir.VectorType(_f32, _V)
+_vi = ir.VectorType(_i32, _V)
+
+_COEFFS = [1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1]
+
+
+def _c(x: float) -> ir.Constant:
+    return ir.Constant(_vf, [x] * _V)
+
+
+def _exp8(builder: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    lo = builder.fcmp_ordered("<", x, _c(-87.0))
+    x = builder.select(builder.fcmp_ordered(">", x, _c(88.3762626647949)), _c(88.3762626647949), x)
+    x = builder.select(lo, _c(-87.0), x)
+    # n = round(x / ln2): floor(x * log2e + 0.5)
+    mod = builder.module
+    floor = mod.globals.get("llvm.floor.v8f32") or ir.Function(mod, ir.FunctionType(_vf, [_vf]), "llvm.floor.v8f32")
+    n = builder.call(floor, [builder.fadd(builder.fmul(x, _c(1.44269504088896341)), _c(0.5))])
+    # r = x - n ln2 in two steps (Cody-Waite) so the reduction stays exact
+    r = builder.fsub(x, builder.fmul(n, _c(0.693359375)))
+    r = builder.fsub(r, builder.fmul(n, _c(-2.12194440e-4)))
+    p = _c(_COEFFS[0])
+    for k in _COEFFS[1:]:
+        p = builder.fadd(builder.fmul(p, r), _c(k))
+    p = builder.fadd(builder.fadd(builder.fmul(builder.fmul(p, r), r), r), _c(1.0))
+    # 2^n: n + 127 in the exponent field
+    e = builder.shl(builder.add(builder.fptosi(n, _vi), ir.Constant(_vi, [127] * _V)), ir.Constant(_vi, [23] * _V))
+    y = builder.fmul(p, builder.bitcast(e, _vf))
+    return builder.select(lo, _c(0.0), y)
+
+
+@intrinsic
+def exp8_inplace(typingctx, addr):  # type: ignore[no-untyped-def]
+    """a[0:8] = exp(a[0:8]) for the float32 array data at address ``addr``."""
+    sig = types.void(types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        ptr = builder.inttoptr(args[0], _vf.as_pointer())
+        builder.store(_exp8(builder, builder.load(ptr, align=4)), ptr, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
