@@ -59,3 +59,20 @@ def exp8_inplace(typingctx, addr):  # type: ignore[no-untyped-def]
         return context.get_dummy_value()
 
     return sig, codegen
+
+
+@intrinsic
+def silu_mul8(typingctx, g_addr, u_addr):  # type: ignore[no-untyped-def]
+    """g[0:8] = silu(g[0:8]) * u[0:8] = g / (1 + exp(-g)) * u (float32 data at the two addresses)."""
+    sig = types.void(types.int64, types.int64)
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        gp = builder.inttoptr(args[0], _vf.as_pointer())
+        up = builder.inttoptr(args[1], _vf.as_pointer())
+        g = builder.load(gp, align=4)
+        e = _exp8(builder, builder.fsub(_c(0.0), g))
+        y = builder.fmul(builder.fdiv(g, builder.fadd(_c(1.0), e)), builder.load(up, align=4))
+        builder.store(y, gp, align=4)
+        return context.get_dummy_value()
+
+    return sig, codegen
