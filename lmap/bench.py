@@ -189,13 +189,13 @@ def run_bench(
     on_result: Callable[[BenchResult], None] | None = None,
 ) -> list[BenchResult]:
     """Time pp``n_prompt`` and tg``n_gen`` at each thread count (llama-bench's order: threads outer)."""
-    import numba
+    from .threads import set_threads
 
     prompt = _prompt_tokens(llm, n_prompt, TOKEN_SEED)
     gen = _prompt_tokens(llm, n_gen, TOKEN_SEED + 1)
     results: list[BenchResult] = []
     for t in threads:
-        numba.set_num_threads(t)
+        set_threads(t)  # Numba's pool and the BLAS pool prefill uses, as llama-bench's -t
         llm.n_threads = t
         tests: list[tuple[str, int, int, Callable[[], float]]] = []
         if n_prompt > 0:
@@ -244,31 +244,18 @@ def _threading_layer() -> str:
 
 
 def _blas_info() -> dict[str, Any]:
-    """NumPy's BLAS and its thread count: prefill runs its matmuls there, outside Numba's ``-t``."""
-    import ctypes
+    """NumPy's BLAS (prefill runs its matmuls there) and its thread count, through threadpoolctl."""
+    import numpy  # noqa: F401  (loads the BLAS so threadpoolctl sees it)
+    from threadpoolctl import threadpool_info
 
-    import numpy as np
-
-    info: dict[str, Any] = {"name": None, "version": None, "threads": None}
-    try:
-        blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]  # type: ignore[index]
-        info["name"], info["version"] = blas.get("name"), blas.get("version")
-    except (KeyError, TypeError, ValueError):
-        return info
-    try:
-        libs = {ln.split()[-1] for ln in Path("/proc/self/maps").read_text().splitlines() if "openblas" in ln.lower()}
-    except OSError:
-        return info
-    for lib in sorted(libs):
-        for sym in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads", "openblas_get_num_threads"):
-            try:
-                fn = getattr(ctypes.CDLL(lib), sym)
-            except (OSError, AttributeError):
-                continue
-            fn.restype = ctypes.c_int
-            info["threads"] = int(fn())
-            return info
-    return info
+    for pool in threadpool_info():
+        if pool.get("user_api") == "blas":
+            return {
+                "name": pool.get("internal_api"),
+                "version": pool.get("version"),
+                "threads": pool.get("num_threads"),
+            }
+    return {"name": None, "version": None, "threads": None}
 
 
 def _system_info() -> dict[str, Any]:
@@ -344,7 +331,7 @@ def md_header(report: BenchReport) -> list[str]:
         n = blas.get("threads")
         lines.append(
             f"BLAS (prefill matmuls): {blas['name']} {blas.get('version') or ''}, "
-            f"{'? threads' if n is None else f'{n} threads'} (not set by -t)"
+            f"{'? threads' if n is None else f'{n} threads'} (set to -t per row)"
         )
     return [
         *lines,
