@@ -6,6 +6,13 @@ attention keep position p in cell p. Sliding-window layers (gemma3's local layer
 keep only their window: a ring of ``window + n_batch`` cells holding position p in
 cell ``p % ring`` — a batch's first query still sees ``window`` keys back while the
 batch writes its own ``n_batch`` positions.
+
+Several sequences (the server's slots) share one cache: each owns a contiguous
+region of cells per layer group, laid out exactly as a one-sequence cache would be.
+A batch of rows from one sequence works on views of its region (so it runs the
+same kernels, on the same cells, as :class:`~lmap.llama.Llama` alone); a batch
+with one row per sequence gets global cell indices and, per row, the span of
+cells its sequence owns.
 """
 
 from __future__ import annotations
@@ -19,11 +26,16 @@ CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}
 
 
 class CellMap:
-    """Which position each cell of one group of layers holds."""
+    """Which position each cell of one sequence's region (of one group of layers) holds.
 
-    def __init__(self, n_cells: int, ring: bool) -> None:
+    ``cell_pos`` is a view into the cache-wide array; cell ``c`` of the region is cell
+    ``base + c`` of the layer arrays.
+    """
+
+    def __init__(self, cell_pos: np.ndarray, base: int, ring: bool) -> None:
         self.ring = ring
-        self.cell_pos = np.full(n_cells, -1, dtype=np.int32)  # [n_cells]
+        self.base = base
+        self.cell_pos = cell_pos  # [n_cells] view
         self.n_used = 0  # cells [0, n_used) may be valid
 
     @property
@@ -31,6 +43,7 @@ class CellMap:
         return self.cell_pos.shape[0]
 
     def assign(self, pos: np.ndarray, cells: np.ndarray) -> None:
+        """Choose the region-local cells for positions ``pos`` (sorted ascending) and mark them used."""
         if self.ring:
             np.remainder(pos, self.n_cells, out=cells)
             self.n_used = self.n_cells if int(pos[-1]) + 1 >= self.n_cells else max(self.n_used, int(pos[-1]) + 1)
@@ -49,8 +62,17 @@ class CellMap:
         self.n_used = 0
 
 
+def _regions(n_seq: int, n_cells: int, ring: bool) -> tuple[np.ndarray, list[CellMap]]:
+    cell_pos = np.full(n_seq * n_cells, -1, dtype=np.int32)
+    return cell_pos, [CellMap(cell_pos[s * n_cells : (s + 1) * n_cells], s * n_cells, ring) for s in range(n_seq)]
+
+
 class KVCache:
-    """K and V per layer ([cells, n_head_kv, head_dim] in the cache type) and the cell maps."""
+    """K and V per layer ([n_seq * cells, n_head_kv, head_dim] in the cache type) and the cell maps.
+
+    With ``n_seq == 1`` (one :class:`~lmap.llama.Llama`) ``full``/``swa`` are the maps and
+    every method's ``seq`` is 0.
+    """
 
     def __init__(
         self,
@@ -65,51 +87,122 @@ class KVCache:
         swa_layers: list[bool] | None = None,
         window: int = 0,
         n_batch: int = 512,
+        n_seq: int = 1,
     ) -> None:
         for name, t in (("type_k", type_k), ("type_v", type_v)):
             if t not in CACHE_TYPES:
                 raise InvalidParameterError(f"{name}={t!r}: supported cache types are {', '.join(CACHE_TYPES)}")
+        if n_seq < 1:
+            raise InvalidParameterError(f"n_seq must be >= 1, got {n_seq}")
         self.n_ctx = n_ctx
+        self.n_seq = n_seq
         self.type_k, self.type_v = type_k, type_v
         self.window = window
         swa = swa_layers if (swa_layers is not None and window > 0) else [False] * n_layer
         ring = min(n_ctx, window + n_batch)
-        self.full = CellMap(n_ctx, ring=False)
-        self.swa = CellMap(ring, ring=ring < n_ctx) if any(swa) else None
-        self.maps = [self.swa if s and self.swa is not None else self.full for s in swa]
-        self.k = [np.zeros((m.n_cells, n_head_kv, head_dim_k), CACHE_TYPES[type_k]) for m in self.maps]
-        self.v = [np.zeros((m.n_cells, n_head_kv, head_dim_v), CACHE_TYPES[type_v]) for m in self.maps]
+        self.full_pos, self.full_seqs = _regions(n_seq, n_ctx, ring=False)
+        self.swa_pos: np.ndarray | None = None
+        self.swa_seqs: list[CellMap] | None = None
+        if any(swa):
+            self.swa_pos, self.swa_seqs = _regions(n_seq, ring, ring=ring < n_ctx)
+        self.full = self.full_seqs[0]
+        self.swa = self.swa_seqs[0] if self.swa_seqs is not None else None
+        self.windowed = [bool(s) and self.swa is not None for s in swa]  # per layer
+        self.maps = [self.swa if w else self.full for w in self.windowed]  # per layer, sequence 0
+        self.k = [np.zeros((n_seq * m.n_cells, n_head_kv, head_dim_k), CACHE_TYPES[type_k]) for m in self.maps]
+        self.v = [np.zeros((n_seq * m.n_cells, n_head_kv, head_dim_v), CACHE_TYPES[type_v]) for m in self.maps]
 
     @property
     def nbytes(self) -> int:
-        maps = self.full.cell_pos.nbytes + (self.swa.cell_pos.nbytes if self.swa else 0)
+        maps = self.full_pos.nbytes + (self.swa_pos.nbytes if self.swa_pos is not None else 0)
         return sum(a.nbytes for a in self.k) + sum(a.nbytes for a in self.v) + maps
 
-    def clear(self) -> None:
-        self.full.clear()
-        if self.swa is not None:
-            self.swa.clear()
+    def _maps(self, seq: int) -> list[CellMap]:
+        if not 0 <= seq < self.n_seq:
+            raise InvalidParameterError(f"sequence {seq} is outside the cache's {self.n_seq} sequences")
+        return [self.full_seqs[seq]] + ([self.swa_seqs[seq]] if self.swa_seqs is not None else [])
 
-    def truncate(self, n_keep: int) -> None:
-        """Forget every position >= n_keep (prefix reuse keeps the shared prefix)."""
-        self.full.truncate(n_keep)
-        if self.swa is not None:
-            self.swa.truncate(n_keep)
+    def clear(self, seq: int | None = None) -> None:
+        """Forget every position of sequence ``seq`` (all sequences when None)."""
+        for s in range(self.n_seq) if seq is None else (seq,):
+            for m in self._maps(s):
+                m.clear()
 
-    def reusable(self, n_keep: int) -> int:
-        """How much of a cached prefix of n_keep positions can be reused.
+    def truncate(self, n_keep: int, seq: int = 0) -> None:
+        """Forget every position >= n_keep of ``seq`` (prefix reuse keeps the shared prefix)."""
+        for m in self._maps(seq):
+            m.truncate(n_keep)
+
+    def reusable(self, n_keep: int, seq: int = 0) -> int:
+        """How much of a cached prefix of n_keep positions of ``seq`` can be reused.
 
         A ring has overwritten positions older than its size, so resuming at n_keep needs the
         window before n_keep to be still there; otherwise the prefix is evaluated again.
         """
-        if self.swa is None or not self.swa.ring or n_keep == 0:
+        self._maps(seq)
+        if self.swa_seqs is None or not self.swa_seqs[seq].ring or n_keep == 0:
             return n_keep
+        cp = self.swa_seqs[seq].cell_pos
         lo = max(0, n_keep - self.window)
-        held = self.swa.cell_pos[(self.swa.cell_pos >= lo) & (self.swa.cell_pos < n_keep)]
+        held = cp[(cp >= lo) & (cp < n_keep)]
         return n_keep if held.size == n_keep - lo else 0
 
-    def assign(self, pos: np.ndarray, cells_full: np.ndarray, cells_swa: np.ndarray) -> None:
-        """Choose the cells for positions ``pos`` (written into the cell arrays) and mark them used."""
-        self.full.assign(pos, cells_full)
-        if self.swa is not None:
-            self.swa.assign(pos, cells_swa)
+    def copy(self, src: int, dst: int, n_keep: int) -> None:
+        """Make ``dst`` hold positions [0, n_keep) of ``src`` (its cells, K and V), and nothing else.
+
+        ``n_keep`` must be reusable in ``src``. Sequences sharing a prompt (n > 1 choices, a chat
+        resent with one more turn) start from a copy instead of evaluating it again.
+        """
+        if src == dst:
+            self.truncate(n_keep, dst)
+            return
+        for a, b in zip(self._maps(src), self._maps(dst), strict=True):
+            b.cell_pos[:] = a.cell_pos
+            b.n_used = a.n_used
+            b.truncate(n_keep)
+        for il, m in enumerate(self.maps):
+            n = m.n_cells
+            held = self.swa_seqs if self.windowed[il] else self.full_seqs
+            assert held is not None
+            # the cells the kept positions occupy: a prefix of the region for full layers, any cell of a ring
+            cells = np.flatnonzero(held[dst].cell_pos >= 0) if self.windowed[il] else np.arange(min(n_keep, n))
+            self.k[il][dst * n + cells] = self.k[il][src * n + cells]
+            self.v[il][dst * n + cells] = self.v[il][src * n + cells]
+
+    def region(self, il: int, seq: int) -> tuple[np.ndarray, np.ndarray, CellMap]:
+        """K and V views of the cells layer ``il`` keeps for ``seq``, and its cell map."""
+        m = self.swa_seqs[seq] if self.windowed[il] and self.swa_seqs is not None else self.full_seqs[seq]
+        return self.k[il][m.base : m.base + m.n_cells], self.v[il][m.base : m.base + m.n_cells], m
+
+    def assign(self, pos: np.ndarray, cells_full: np.ndarray, cells_swa: np.ndarray, seq: int = 0) -> None:
+        """Choose the region-local cells for positions ``pos`` of ``seq`` (written into the cell arrays)."""
+        self.full_seqs[seq].assign(pos, cells_full)
+        if self.swa_seqs is not None:
+            self.swa_seqs[seq].assign(pos, cells_swa)
+
+    def assign_rows(
+        self,
+        pos: np.ndarray,
+        seqs: np.ndarray,
+        cells_full: np.ndarray,
+        cells_swa: np.ndarray,
+        spans_full: np.ndarray,
+        spans_swa: np.ndarray,
+    ) -> None:
+        """One row per sequence (row t is position pos[t] of sequence seqs[t], all distinct).
+
+        Writes each row's global cell and the span [lo, hi) of cells its sequence may attend
+        to (``spans_*``: [n, 2] int32), for full and for sliding-window layers.
+        """
+        for t in range(pos.shape[0]):
+            s = int(seqs[t])
+            for m, cells, spans in (
+                (self.full_seqs[s], cells_full, spans_full),
+                (self.swa_seqs[s] if self.swa_seqs is not None else None, cells_swa, spans_swa),
+            ):
+                if m is None:
+                    continue
+                m.assign(pos[t : t + 1], cells[t : t + 1])
+                cells[t] += m.base
+                spans[t, 0] = m.base
+                spans[t, 1] = m.base + m.n_used

@@ -119,6 +119,48 @@ def store_kv_f32(src: np.ndarray, cache: np.ndarray, cells: np.ndarray) -> None:
         cache[cells[t]] = src[t]
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _attend(q, k, v, cell_pos, t, h, kh, p, c0, c1, sc, window, softcap, s, out):  # type: ignore[no-untyped-def]
+    """out[t, h] = attention of query head (t, h) at position p over cells [c0, c1); scores in s[: c1 - c0].
+
+    Shared by both kernels below so a sequence gets the same float operations in the same
+    order whether it attends alone or in a batch of sequences.
+    """
+    hd = q.shape[2]
+    lo = p - window if window > 0 else -1
+    n_cells = c1 - c0
+    mx = np.float32(-np.inf)
+    for j in range(n_cells):
+        c = c0 + j
+        cp = cell_pos[c]
+        if cp < 0 or cp > p or cp <= lo:
+            s[j] = np.float32(-np.inf)
+            continue
+        d = np.float32(0.0)
+        for i in range(hd):
+            d += q[t, h, i] * _f32(k[c, kh, i])
+        d *= sc
+        if softcap > 0.0:
+            d = np.float32(softcap) * np.float32(math.tanh(d / np.float32(softcap)))
+        s[j] = d
+        if d > mx:
+            mx = d
+    total = np.float32(0.0)
+    for j in range(n_cells):
+        e = np.float32(math.exp(s[j] - mx)) if s[j] != -np.inf else np.float32(0.0)
+        s[j] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for i in range(hd):
+        out[t, h, i] = np.float32(0.0)
+    for j in range(n_cells):
+        w = s[j] * inv
+        if w != 0.0:
+            c = c0 + j
+            for i in range(hd):
+                out[t, h, i] += w * _f32(v[c, kh, i])
+
+
 @njit(cache=True, fastmath=True, parallel=True)
 def attention(
     q: np.ndarray,  # [n, H, hd] float32
@@ -144,38 +186,66 @@ def attention(
     for th in prange(n * nh):
         t = th // nh
         h = th % nh
-        kh = h // group
-        s = scores[numba.get_thread_id()]
-        p = pos[t]
-        lo = p - window if window > 0 else -1
-        mx = np.float32(-np.inf)
-        for c in range(n_cells):
-            cp = cell_pos[c]
-            if cp < 0 or cp > p or cp <= lo:
-                s[c] = np.float32(-np.inf)
-                continue
-            d = np.float32(0.0)
-            for i in range(hd):
-                d += q[t, h, i] * _f32(k[c, kh, i])
-            d *= sc
-            if softcap > 0.0:
-                d = np.float32(softcap) * np.float32(math.tanh(d / np.float32(softcap)))
-            s[c] = d
-            if d > mx:
-                mx = d
-        total = np.float32(0.0)
-        for c in range(n_cells):
-            e = np.float32(math.exp(s[c] - mx)) if s[c] != -np.inf else np.float32(0.0)
-            s[c] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for i in range(hd):
-            out[t, h, i] = np.float32(0.0)
-        for c in range(n_cells):
-            w = s[c] * inv
-            if w != 0.0:
-                for i in range(hd):
-                    out[t, h, i] += w * _f32(v[c, kh, i])
+        _attend(
+            q,
+            k,
+            v,
+            cell_pos,
+            t,
+            h,
+            h // group,
+            pos[t],
+            0,
+            n_cells,
+            sc,
+            window,
+            softcap,
+            scores[numba.get_thread_id()],
+            out,
+        )
+
+
+@njit(cache=True, fastmath=True, parallel=True)
+def attention_spans(
+    q: np.ndarray,  # [n, H, hd] float32: one query row per sequence
+    k: np.ndarray,  # [C, Hkv, hd] cache shared by the sequences
+    v: np.ndarray,  # [C, Hkv, hd]
+    pos: np.ndarray,  # [n] int32: position of each query
+    cell_pos: np.ndarray,  # [C] int32: position held by each cell, -1 if empty
+    spans: np.ndarray,  # [n, 2] int32: query t sees cells [spans[t, 0], spans[t, 1]) (its sequence's)
+    scale: float,
+    window: int,
+    softcap: float,
+    scores: np.ndarray,  # [n_threads, >= longest span] scratch
+    out: np.ndarray,  # [n, H, hd]
+) -> None:
+    """:func:`attention` for queries of different sequences, each over its own cells of one cache.
+
+    Gives every query exactly the result :func:`attention` gives it over a view of its span.
+    """
+    n, nh, hd = q.shape
+    group = nh // k.shape[1]
+    sc = np.float32(scale)
+    for th in prange(n * nh):
+        t = th // nh
+        h = th % nh
+        _attend(
+            q,
+            k,
+            v,
+            cell_pos,
+            t,
+            h,
+            h // group,
+            pos[t],
+            spans[t, 0],
+            spans[t, 1],
+            sc,
+            window,
+            softcap,
+            scores[numba.get_thread_id()],
+            out,
+        )
 
 
 @njit(cache=True, fastmath=True, parallel=True)

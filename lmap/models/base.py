@@ -15,8 +15,12 @@ import numpy as np
 from ..errors import GGUFError, UnsupportedModelError
 from ..gguf import GGUFFile
 from ..kernels import ops
+from ..kernels.multivec import RowActs, matmul_rows
 from ..kv_cache import KVCache
 from ..quants import ActScratch, QMatrix
+
+# which sequences a batch's rows belong to (see Model.forward)
+Seq = int | np.ndarray | None
 
 # field -> (GGUF key with {arch} placeholder, required)
 HPARAM_KEYS: dict[str, tuple[str, bool]] = {
@@ -130,12 +134,15 @@ class Scratch:
 
     Shapes (B = n_batch): x, xb, xb2 [B, d]; q [B, H, hdk]; k [B, Hkv, hdk]; v [B, Hkv, hdv];
     att [B, H, hdv]; hb, hb2 [B, ff]; tile [T, max_cols] for prefill dequantization; xq [B, max_cols];
-    scores [threads, n_ctx] for attention; cos/sin [B, n_rot/2]; logits [B or 1, vocab].
+    scores [threads, n_ctx] for attention; cos/sin [B, n_rot/2]; logits [B or 1, vocab]; spans [B, 2] and
+    acts (n_seq activation rows) for batches with one row per sequence.
     """
 
     TILE_ELEMENTS = 1 << 20  # 4 MiB of float32 rows: enough for BLAS to run at speed
 
-    def __init__(self, hp: HParams, n_batch: int, n_ctx: int, logits_rows: int, activations: str = "q8") -> None:
+    def __init__(
+        self, hp: HParams, n_batch: int, n_ctx: int, logits_rows: int, activations: str = "q8", n_seq: int = 1
+    ) -> None:
         B = n_batch
         d, H, Hkv = hp.n_embd, hp.n_head, hp.n_head_kv
         self.x = np.zeros((B, d), np.float32)
@@ -158,11 +165,16 @@ class Scratch:
         self.sin2 = np.zeros((B, hp.n_rot // 2), np.float32)
         self.cells = np.zeros(B, np.int32)  # KV cells of this batch in full-attention layers
         self.cells_swa = np.zeros(B, np.int32)  # and in sliding-window layers
+        # batches of one row per sequence (the server's decode step): each row's cells span and,
+        # for quantized products, up to n_seq activation vectors quantized at once
+        self.spans = np.zeros((B, 2), np.int32)
+        self.spans_swa = np.zeros((B, 2), np.int32)
+        self.acts = RowActs(max(n_seq, 1), max_cols) if activations == "q8" and n_seq > 1 else None
         self.logits = np.zeros((logits_rows, hp.n_vocab), np.float32)
 
     @property
     def nbytes(self) -> int:
-        extra = self.xq.nbytes if self.xq is not None else 0
+        extra = (self.xq.nbytes if self.xq is not None else 0) + (self.acts.nbytes if self.acts is not None else 0)
         return extra + sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
 
 
@@ -183,52 +195,102 @@ class Model:
         self.output = w.matrix("output.weight") if w.has("output.weight") else self.token_embd
 
     # -- shared blocks --------------------------------------------------------------
-    def attention(self, il: int, s: Scratch, kv: KVCache, pos: np.ndarray, n: int, scale: float | None = None) -> None:
-        """Store this batch's K/V for layer ``il`` and attend: s.q, s.k, s.v -> s.att."""
+    def begin(self, pos: np.ndarray, s: Scratch, kv: KVCache, seq: Seq) -> bool:
+        """Choose this batch's KV cells; True when its rows are separate sequences (one row each)."""
+        n = pos.shape[0]
+        if seq is None or isinstance(seq, int | np.integer):
+            kv.assign(pos, s.cells[:n], s.cells_swa[:n], int(seq or 0))
+            return False
+        kv.assign_rows(pos, seq, s.cells[:n], s.cells_swa[:n], s.spans[:n], s.spans_swa[:n])
+        return True
+
+    @staticmethod
+    def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray, s: Scratch, rows: bool) -> None:
+        """out = x @ W.T; with ``rows`` (one row per sequence) each row is computed exactly as if alone."""
+        if rows and x.shape[0] > 1:
+            matmul_rows(w, x, out, s.acts if s.acts is not None else RowActs(x.shape[0], x.shape[1]), s.xq)
+        else:
+            w.matmul(x, out, s.tile, s.xq)
+
+    def attention(
+        self,
+        il: int,
+        s: Scratch,
+        kv: KVCache,
+        pos: np.ndarray,
+        n: int,
+        scale: float | None = None,
+        seq: Seq = None,
+        rows: bool = False,
+    ) -> None:
+        """Store this batch's K/V for layer ``il`` and attend: s.q, s.k, s.v -> s.att.
+
+        Rows of one sequence work on views of that sequence's cells, as in a one-sequence cache;
+        ``rows`` (one row per sequence) attend over their own spans of the shared cache.
+        """
         hp = self.hp
-        m = kv.maps[il]
-        windowed = m is kv.swa
+        windowed = kv.windowed[il]
         cells = s.cells_swa[:n] if windowed else s.cells[:n]
         store_k = ops.store_kv_f16 if kv.type_k == "f16" else ops.store_kv_f32
         store_v = ops.store_kv_f16 if kv.type_v == "f16" else ops.store_kv_f32
-        store_k(s.k[:n], kv.k[il], cells)
-        store_v(s.v[:n], kv.v[il], cells)
-        ops.attention(
-            s.q[:n],
-            kv.k[il],
-            kv.v[il],
-            pos,
-            m.cell_pos,
-            m.n_used,
-            scale if scale is not None else 1.0 / np.sqrt(hp.head_dim_k),
-            kv.window if windowed else 0,
-            hp.attn_softcap,
-            s.scores,
-            s.att[:n],
-        )
+        sc = scale if scale is not None else 1.0 / np.sqrt(hp.head_dim_k)
+        window = kv.window if windowed else 0
+        if rows:
+            store_k(s.k[:n], kv.k[il], cells)
+            store_v(s.v[:n], kv.v[il], cells)
+            cell_pos = kv.swa_pos if windowed else kv.full_pos
+            spans = s.spans_swa[:n] if windowed else s.spans[:n]
+            ops.attention_spans(
+                s.q[:n], kv.k[il], kv.v[il], pos, cell_pos, spans, sc, window, hp.attn_softcap, s.scores, s.att[:n]
+            )
+            return
+        k, v, m = kv.region(il, int(seq or 0))
+        store_k(s.k[:n], k, cells)
+        store_v(s.v[:n], v, cells)
+        ops.attention(s.q[:n], k, v, pos, m.cell_pos, m.n_used, sc, window, hp.attn_softcap, s.scores, s.att[:n])
 
     @property
     def swa_layers(self) -> list[bool]:
         """Which layers use sliding-window attention (none, unless the architecture says so)."""
         return [False] * self.hp.n_layer
 
-    def logits(self, s: Scratch, n: int, all_logits: bool) -> np.ndarray:
-        """Final norm and output projection; returns a view of s.logits ([n or 1, vocab])."""
+    def logits(self, s: Scratch, n: int, all_logits: bool, rows: bool = False, hidden: bool = False) -> np.ndarray:
+        """Final norm and output projection; returns a view of s.logits ([n or 1, vocab]).
+
+        With ``hidden`` the projection is skipped and the normed final hidden states are returned
+        ([n or 1, n_embd], a view of s.xb): the embeddings the server pools.
+        """
         hp = self.hp
-        rows = s.x[:n] if all_logits else s.x[n - 1 : n]
-        m = rows.shape[0]
-        ops.rmsnorm(rows, self.output_norm, hp.rms_eps, s.xb[:m])
+        x = s.x[:n] if all_logits else s.x[n - 1 : n]
+        m = x.shape[0]
+        ops.rmsnorm(x, self.output_norm, hp.rms_eps, s.xb[:m])
+        if hidden:
+            return s.xb[:m]
         out = s.logits[:m]
-        self.output.matmul(s.xb[:m], out, s.tile, s.xq)
+        self.matmul(self.output, s.xb[:m], out, s, rows)
         if hp.final_softcap:
             np.tanh(out / hp.final_softcap, out=out)
             out *= hp.final_softcap
         return out
 
-    def forward(self, tokens: np.ndarray, pos: np.ndarray, s: Scratch, kv: KVCache, all_logits: bool) -> np.ndarray:
+    def forward(
+        self,
+        tokens: np.ndarray,
+        pos: np.ndarray,
+        s: Scratch,
+        kv: KVCache,
+        all_logits: bool,
+        seq: Seq = None,
+        hidden: bool = False,
+    ) -> np.ndarray:
         """Run ``tokens`` ([n] int32 at positions ``pos``) through the model; n <= n_batch.
 
-        Returns logits for every token (``all_logits``) or the last one, as a view of scratch.
+        ``seq``: None or an int — every token belongs to that sequence of ``kv`` (0 by default);
+        an [n] int32 array of distinct sequence ids — token t is the next token of sequence
+        seq[t] (a decode step of several sequences: one pass over the weights for all, each
+        sequence's arithmetic exactly that of decoding it alone).
+        Returns logits for every token (``all_logits``) or the last one, as a view of scratch
+        (with ``hidden``: the normed final hidden states instead, see :meth:`logits`).
         """
         raise NotImplementedError
 

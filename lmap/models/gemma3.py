@@ -21,7 +21,7 @@ import numpy as np
 from ..gguf import GGUFFile
 from ..kernels import ops
 from ..kv_cache import KVCache
-from .base import HParams, Model, Scratch
+from .base import HParams, Model, Scratch, Seq
 
 SWA_PATTERN = 6  # llama.cpp's default for gemma3: layers il % 6 < 5 are sliding-window
 
@@ -69,7 +69,16 @@ class Gemma3(Model):
     def swa_layers(self) -> list[bool]:
         return self._swa
 
-    def forward(self, tokens: np.ndarray, pos: np.ndarray, s: Scratch, kv: KVCache, all_logits: bool) -> np.ndarray:
+    def forward(
+        self,
+        tokens: np.ndarray,
+        pos: np.ndarray,
+        s: Scratch,
+        kv: KVCache,
+        all_logits: bool,
+        seq: Seq = None,
+        hidden: bool = False,
+    ) -> np.ndarray:
         hp = self.hp
         n = tokens.shape[0]
         x, xb, xb2 = s.x[:n], s.xb[:n], s.xb2[:n]
@@ -80,28 +89,29 @@ class Gemma3(Model):
         np.multiply(x, self.embd_scale, out=x)
         ops.rope_cache(pos, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale, s.cos[:n], s.sin[:n])
         ops.rope_cache(pos, hp.n_rot, hp.rope_freq_base_swa, 1.0, s.cos2[:n], s.sin2[:n])
-        kv.assign(pos, s.cells[:n], s.cells_swa[:n])
+        rows = self.begin(pos, s, kv, seq)
+        mm = self.matmul
         for i, L in enumerate(self.layers):
             local = self._swa[i]
             cos, sin = (s.cos2[:n], s.sin2[:n]) if local else (s.cos[:n], s.sin[:n])
             ops.rmsnorm(x, L.attn_norm, hp.rms_eps, xb)
-            L.attn_q.matmul(xb, q.reshape(n, -1), s.tile, s.xq)
-            L.attn_k.matmul(xb, k.reshape(n, -1), s.tile, s.xq)
-            L.attn_v.matmul(xb, v.reshape(n, -1), s.tile, s.xq)
+            mm(L.attn_q, xb, q.reshape(n, -1), s, rows)
+            mm(L.attn_k, xb, k.reshape(n, -1), s, rows)
+            mm(L.attn_v, xb, v.reshape(n, -1), s, rows)
             ops.rmsnorm_heads(q, L.attn_q_norm, hp.rms_eps)
             ops.rmsnorm_heads(k, L.attn_k_norm, hp.rms_eps)
             ops.rope(q, cos, sin, self.neox_rope)
             ops.rope(k, cos, sin, self.neox_rope)
-            self.attention(i, s, kv, pos, n, scale=self.attn_scale)
-            L.attn_output.matmul(att.reshape(n, -1), xb2, s.tile, s.xq)
+            self.attention(i, s, kv, pos, n, scale=self.attn_scale, seq=seq, rows=rows)
+            mm(L.attn_output, att.reshape(n, -1), xb2, s, rows)
             ops.rmsnorm(xb2, L.post_attention_norm, hp.rms_eps, xb2)
             ops.add_inplace(x, xb2)
 
             ops.rmsnorm(x, L.ffn_norm, hp.rms_eps, xb)
-            L.ffn_gate.matmul(xb, hb, s.tile, s.xq)
-            L.ffn_up.matmul(xb, hb2, s.tile, s.xq)
+            mm(L.ffn_gate, xb, hb, s, rows)
+            mm(L.ffn_up, xb, hb2, s, rows)
             ops.geglu(hb, hb2, ops.GELU_F16_TABLE if s.xq is not None else ops.EXACT)  # xq: llama.cpp arithmetic
-            L.ffn_down.matmul(hb, xb2, s.tile, s.xq)
+            mm(L.ffn_down, hb, xb2, s, rows)
             ops.rmsnorm(xb2, L.post_ffw_norm, hp.rms_eps, xb2)
             ops.add_inplace(x, xb2)
-        return self.logits(s, n, all_logits)
+        return self.logits(s, n, all_logits, rows, hidden)

@@ -15,7 +15,7 @@ import numpy as np
 from ..gguf import GGUFFile
 from ..kernels import ops
 from ..kv_cache import KVCache
-from .base import HParams, Model, Scratch
+from .base import HParams, Model, Scratch, Seq
 
 
 class Layer:
@@ -41,7 +41,16 @@ class Llama(Model):
         super().__init__(g, hp)
         self.layers = [Layer(self, i) for i in range(hp.n_layer)]
 
-    def forward(self, tokens: np.ndarray, pos: np.ndarray, s: Scratch, kv: KVCache, all_logits: bool) -> np.ndarray:
+    def forward(
+        self,
+        tokens: np.ndarray,
+        pos: np.ndarray,
+        s: Scratch,
+        kv: KVCache,
+        all_logits: bool,
+        seq: Seq = None,
+        hidden: bool = False,
+    ) -> np.ndarray:
         hp = self.hp
         n = tokens.shape[0]
         x, xb, xb2 = s.x[:n], s.xb[:n], s.xb2[:n]
@@ -51,22 +60,23 @@ class Llama(Model):
 
         self.token_embd.gather(tokens, x)
         ops.rope_cache(pos, hp.n_rot, hp.rope_freq_base, hp.rope_freq_scale, cos, sin)
-        kv.assign(pos, s.cells[:n], s.cells_swa[:n])
+        rows = self.begin(pos, s, kv, seq)
+        mm = self.matmul
         for i, L in enumerate(self.layers):
             ops.rmsnorm(x, L.attn_norm, hp.rms_eps, xb)
-            L.attn_q.matmul(xb, q.reshape(n, -1), s.tile, s.xq)
-            L.attn_k.matmul(xb, k.reshape(n, -1), s.tile, s.xq)
-            L.attn_v.matmul(xb, v.reshape(n, -1), s.tile, s.xq)
+            mm(L.attn_q, xb, q.reshape(n, -1), s, rows)
+            mm(L.attn_k, xb, k.reshape(n, -1), s, rows)
+            mm(L.attn_v, xb, v.reshape(n, -1), s, rows)
             ops.rope(q, cos, sin, self.neox_rope)
             ops.rope(k, cos, sin, self.neox_rope)
-            self.attention(i, s, kv, pos, n)
-            L.attn_output.matmul(att.reshape(n, -1), xb2, s.tile, s.xq)
+            self.attention(i, s, kv, pos, n, seq=seq, rows=rows)
+            mm(L.attn_output, att.reshape(n, -1), xb2, s, rows)
             ops.add_inplace(x, xb2)
 
             ops.rmsnorm(x, L.ffn_norm, hp.rms_eps, xb)
-            L.ffn_gate.matmul(xb, hb, s.tile, s.xq)
-            L.ffn_up.matmul(xb, hb2, s.tile, s.xq)
+            mm(L.ffn_gate, xb, hb, s, rows)
+            mm(L.ffn_up, xb, hb2, s, rows)
             ops.swiglu(hb, hb2)
-            L.ffn_down.matmul(hb, xb2, s.tile, s.xq)
+            mm(L.ffn_down, hb, xb2, s, rows)
             ops.add_inplace(x, xb2)
-        return self.logits(s, n, all_logits)
+        return self.logits(s, n, all_logits, rows, hidden)
