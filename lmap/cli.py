@@ -113,7 +113,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_sampling(args)
     if args.n_predict < -1:
         raise InvalidParameterError(f"-n must be >= -1 (-1 = until the end of generation), got {args.n_predict}")
+    if args.memory_trace is None:
+        return _run(args, None)
+    from .memtrace import MemorySampler
+
+    with MemorySampler(args.memory_trace) as trace:
+        rc = _run(args, trace)
+    print(f"memory trace: {trace.samples} samples in {args.memory_trace}", file=sys.stderr)
+    return rc
+
+
+def _run(args: argparse.Namespace, trace: Any) -> int:
     llm = _load(args)
+    if trace is not None:
+        trace.mark("loaded")
     if args.file is not None:
         try:
             prompt = Path(args.file).read_text(encoding="utf-8")
@@ -130,17 +143,28 @@ def cmd_run(args: argparse.Namespace) -> int:
             {"role": "user", "content": prompt}
         ]
         stream = llm.create_chat_completion(messages, max_tokens=max_tokens, stream=True, **_sampling_kwargs(args))
-        for chunk in stream:
-            text = chunk["choices"][0]["delta"].get("content", "")
-            sys.stdout.write(text)
-            sys.stdout.flush()
+        texts = (chunk["choices"][0]["delta"].get("content", "") for chunk in stream)
     else:
         sys.stdout.write(prompt)
-        for chunk in llm.create_completion(prompt, max_tokens=max_tokens, stream=True, **_sampling_kwargs(args)):
-            sys.stdout.write(chunk["choices"][0]["text"])
-            sys.stdout.flush()
+        stream = llm.create_completion(prompt, max_tokens=max_tokens, stream=True, **_sampling_kwargs(args))
+        texts = (chunk["choices"][0]["text"] for chunk in stream)
+    for i, text in enumerate(texts):
+        if i == 0 and trace is not None:
+            trace.mark("first token")
+        sys.stdout.write(text)
+        sys.stdout.flush()
     sys.stdout.write("\n")
     _print_timings(llm)
+    return 0
+
+
+def cmd_plot_memory(args: argparse.Namespace) -> int:
+    from .memtrace import plot_memory
+
+    out = args.output or str(Path(args.trace).with_suffix(".png"))
+    if Path(out).exists() and not args.force:
+        raise InvalidParameterError(f"{out}: file exists (not overwritten; use --force)")
+    print(f"wrote {plot_memory(args.trace, out)}", file=sys.stderr)
     return 0
 
 
@@ -271,8 +295,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat", action="store_true", help="wrap the prompt in the chat template (default if the model has one)"
     )
     mode.add_argument("--raw", action="store_true", help="feed the prompt as plain text")
+    r.add_argument(
+        "--memory-trace", metavar="FILE", default=None, help="sample RSS / RssAnon / RssFile every 100 ms into a CSV"
+    )
     _sampling_args(r)
     r.set_defaults(func=cmd_run)
+
+    pm = sub.add_parser("plot-memory", help="draw a --memory-trace CSV (needs matplotlib)")
+    pm.add_argument("trace", help="CSV written by `lmap run --memory-trace`")
+    pm.add_argument("-o", "--output", default=None, help="image to write (default: TRACE with .png)")
+    pm.add_argument("--force", action="store_true", help="overwrite the image if it exists")
+    pm.set_defaults(func=cmd_plot_memory)
 
     c = sub.add_parser("chat", help="interactive multi-turn chat (the KV cache is kept between turns)")
     _model_args(c)
@@ -294,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench import add_bench_parser  # argparse only; NumPy and Numba load when `bench` runs
 
     add_bench_parser(sub)
+    from .perplexity import add_perplexity_parser  # argparse only; NumPy and Numba load when it runs
+
+    add_perplexity_parser(sub)
+    from .quantize import add_quantize_parser  # argparse only; NumPy and Numba load when `quantize` runs
+
+    add_quantize_parser(sub)
     return p
 
 
