@@ -31,7 +31,10 @@ def test_vector_exp_matches_libm() -> None:
 
 
 def reference(q, k, v, pos, cell_pos, n_cells, scale, window, softcap):  # type: ignore[no-untyped-def]
+    """float64 attention; with a half cache, Q rounded to half first (as llama.cpp and lmap do)."""
     n, nh, hd = q.shape
+    if k.dtype == np.uint16:
+        q = q.astype(np.float16).astype(np.float32)
     group = nh // k.shape[1]
     kf = k.view(np.float16).astype(np.float64) if k.dtype == np.uint16 else k.astype(np.float64)
     vf = v.view(np.float16).astype(np.float64) if v.dtype == np.uint16 else v.astype(np.float64)
