@@ -515,7 +515,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     )
     if fmt == "json":
         emit(json.dumps(report.to_json(), indent=2))
+    if args.profile:
+        _print_profiles(llm, args, threads[-1])
     return 0
+
+
+def _print_profiles(llm: Llama, args: argparse.Namespace, threads: int) -> None:
+    """Per-phase ms per token of one tg and one pp run (after the timed table, so it does not perturb it)."""
+    from .profile import profiling
+    from .threads import set_threads
+
+    set_threads(threads)
+    if args.n_gen > 0:
+        gen = _prompt_tokens(llm, args.n_gen, TOKEN_SEED + 1)
+        _time_tg(llm, gen[:1])
+        with profiling(llm._model) as prof:
+            _time_tg(llm, gen)
+        print("\n" + prof.table(f"tg{args.n_gen} profile, -t {threads}"), file=sys.stderr)
+    if args.n_prompt > 0:
+        prompt = _prompt_tokens(llm, args.n_prompt, TOKEN_SEED)
+        with profiling(llm._model) as prof:
+            _time_pp(llm, prompt)
+        print("\n" + prof.table(f"pp{args.n_prompt} profile, -t {threads}"), file=sys.stderr)
+    llm.reset()
 
 
 def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
@@ -537,6 +559,9 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
         help="MiB per array of the memory-bandwidth triad (3 arrays; far above the caches); 0 = skip (default 256)",
     )
     b.add_argument("--no-warmup", action="store_true", help="skip the untimed run before each test")
+    b.add_argument(
+        "--profile", action="store_true", help="then print where each ms of a token goes, per phase (stderr)"
+    )
     b.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     b.set_defaults(func=cmd_bench)
     return b
