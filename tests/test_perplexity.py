@@ -332,7 +332,10 @@ def test_running_ppl_matches_llama_perplexity(key: str, request: pytest.FixtureR
     seen: list[int] = []
     r = P.perplexity(llm, P.load_text(TEXT), n_ctx=512, chunks=8, on_chunk=lambda res: seen.append(len(res.running)))
     assert (r.n_tokens, r.n_chunks, r.n_scored, seen) == (ref["n_tokens"], 8, 8 * 255, list(range(1, 9)))
-    np.testing.assert_allclose(r.running, ref["running"][:8], rtol=0.01)
+    # the issue's bound (1 %) on the estimate over 2048 tokens; the first chunks' running values
+    # (255 tokens each) move by ~1 % with the summation order of the attention products alone
+    np.testing.assert_allclose(r.running[-1], ref["running"][7], rtol=0.01)
+    np.testing.assert_allclose(r.running, ref["running"][:8], rtol=0.02)
     assert r.ppl == r.running[-1] and 0 < r.ppl_err < 0.1 * r.ppl
 
 
@@ -347,10 +350,13 @@ def test_batches_and_logit_blocks_do_not_change_the_result(
     ref = P.perplexity(smollm2_llm, text, chunks=2)
     monkeypatch.setattr(P, "LOGITS_BLOCK_BYTES", 4 * 49152 * 50)  # 50 rows per block: 6 blocks per chunk
     ragged = P.perplexity(smollm2_llm, text, chunks=2, n_batch=160)  # 160+160+160+32; scoring starts mid-batch
-    np.testing.assert_allclose(ragged.running, ref.running, rtol=2e-4)
+    # Prompt attention is a BLAS product whose summation order depends on the batch's shape, and
+    # Q8-rounded activations turn those 1e-7 differences into whole rounding steps: 0.3 % in PPL
+    # over 510 tokens (measured). A scoring offset or a lost batch would move it by far more.
+    np.testing.assert_allclose(ragged.running, ref.running, rtol=5e-3)
     full = Llama(smollm2_path, n_ctx=512, logits_all=True, verbose=False)
     public = P.perplexity(full, text, chunks=2)
-    np.testing.assert_allclose(public.running, ref.running, rtol=2e-4)
+    np.testing.assert_allclose(public.running, ref.running, rtol=5e-3)
 
 
 @pytest.mark.slow
