@@ -45,6 +45,16 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=-1, help="RNG seed; -1 = random (default)")
 
 
+def _cache_type_args(p: argparse.ArgumentParser) -> None:
+    for kv in ("k", "v"):
+        p.add_argument(
+            f"--cache-type-{kv}",
+            choices=("f16", "q8_0", "f32"),
+            default="f16",
+            help=f"KV cache type for {kv.upper()} (default f16; q8_0 takes 53 %% of f16's memory)",
+        )
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=None, help="path to a .gguf file or a model name (default smollm2-135m)")
     p.add_argument("-t", "--threads", type=int, default=None, help="threads (default: all cores)")
@@ -54,6 +64,21 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass (default 512)")
     p.add_argument("--no-mmap", action="store_true", help="read the model into memory instead of mapping it")
     p.add_argument("--mlock", action="store_true", help="pin the model in RAM (needs a high enough `ulimit -l`)")
+    _cache_type_args(p)
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=None,
+        metavar="N",
+        help="context shift: when the context fills, keep the first N tokens and drop half of the rest "
+        "(default: off, generation stops at the context size)",
+    )
+    p.add_argument(
+        "--mem-budget",
+        default=None,
+        metavar="SIZE",
+        help="keep the resident part of the model file under SIZE (e.g. 64M, 1G): pin what fits, stream the rest",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -69,6 +94,10 @@ def _load(args: argparse.Namespace) -> Any:
         n_threads=args.threads,
         use_mmap=not args.no_mmap,
         use_mlock=args.mlock,
+        mem_budget=getattr(args, "mem_budget", None),
+        type_k=args.cache_type_k,
+        type_v=args.cache_type_v,
+        n_keep=args.keep,
         verbose=args.verbose,
     )
 
@@ -106,6 +135,8 @@ def _print_timings(llm: Any) -> None:
         f" | peak RSS: {_peak_rss_mib():.0f} MiB",
         file=sys.stderr,
     )
+    if getattr(llm, "residency", None) is not None:
+        print(llm.residency.report(), file=sys.stderr)
 
 
 # ---------------------------------------------------------------------- commands
@@ -276,7 +307,31 @@ def cmd_info(args: argparse.Namespace) -> int:
         f"  {'total':<10} {total:>14,}   ({total / 1e6:.1f} M, "
         f"{8 * sum(bytes_by_type.values()) / total:.2f} bits/weight)"
     )
+    if args.memory or args.mem_budget is not None:
+        _print_memory_plan(args, path)
     return 0
+
+
+def _print_memory_plan(args: argparse.Namespace, path: Path) -> None:
+    from .plan import max_ctx, plan_for_file
+    from .residency import format_size, parse_size
+
+    if args.ctx_size < 0 or args.batch_size < 1:
+        raise InvalidParameterError(f"-c must be >= 0 and -b >= 1, got -c {args.ctx_size} -b {args.batch_size}")
+    kw: dict[str, Any] = {"type_k": args.cache_type_k, "type_v": args.cache_type_v}
+    p = plan_for_file(path, args.ctx_size, args.batch_size, **kw)
+    print(f"\nmemory plan: n_ctx {p.n_ctx}, n_batch {p.n_batch}, cache {p.type_k}/{p.type_v}")
+    print(p.table())
+    if args.mem_budget is not None:
+        budget = parse_size(args.mem_budget, "--mem-budget")
+        n = max_ctx(path, budget, args.batch_size, **kw)
+        if n:
+            print(f"largest context within {format_size(budget)}: -c {n}")
+        else:
+            print(
+                f"no context fits within {format_size(budget)} with the whole model resident; "
+                "`lmap run --mem-budget` streams the weights instead"
+            )
 
 
 # ---------------------------------------------------------------------- main
@@ -322,6 +377,16 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="describe a GGUF model: hparams, tensors, parameters")
     i.add_argument("model", nargs="?", default=None, help="path or model name (default smollm2-135m)")
     i.add_argument("--layers", action="store_true", help="parameter count of every layer")
+    i.add_argument("--memory", action="store_true", help="print the memory plan of a context (every buffer)")
+    i.add_argument("-c", "--ctx-size", type=int, default=4096, help="context size for --memory (default 4096)")
+    i.add_argument("-b", "--batch-size", type=int, default=512, help="batch size for --memory (default 512)")
+    _cache_type_args(i)
+    i.add_argument(
+        "--mem-budget",
+        default=None,
+        metavar="SIZE",
+        help="with --memory: a total memory budget (e.g. 512M, 2G); prints the largest context that fits",
+    )
     i.set_defaults(func=cmd_info)
 
     from .bench import add_bench_parser  # argparse only; NumPy and Numba load when `bench` runs
@@ -333,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .quantize import add_quantize_parser  # argparse only; NumPy and Numba load when `quantize` runs
 
     add_quantize_parser(sub)
+    from .server.command import add_serve_parser  # argparse only; FastAPI and the model load when it runs
+
+    add_serve_parser(sub)
     return p
 
 

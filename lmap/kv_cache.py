@@ -17,12 +17,26 @@ cells its sequence owns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from .errors import InvalidParameterError
 
-# cache type name -> storage dtype (f16 is stored as uint16 bits: Numba has no float16)
-CACHE_TYPES = {"f16": np.uint16, "f32": np.float32}
+# cache type name -> storage dtype (f16 is stored as uint16 bits: Numba has no float16;
+# q8_0 as the raw bytes of Q8_0 blocks: per 32 values an f16 scale and 32 int8, 34 bytes)
+CACHE_TYPES = {"f16": np.uint16, "f32": np.float32, "q8_0": np.uint8}
+Q8_0_BLOCK, Q8_0_BYTES = 32, 34
+
+
+def row_width(type_: str, head_dim: int) -> int:
+    """Array elements one head of one cell takes in a cache of ``type_`` (bytes for q8_0)."""
+    return head_dim // Q8_0_BLOCK * Q8_0_BYTES if type_ == "q8_0" else head_dim
+
+
+def row_bytes(type_: str, head_dim: int) -> int:
+    """Bytes one head of one cell takes in a cache of ``type_``."""
+    return row_width(type_, head_dim) * np.dtype(CACHE_TYPES[type_]).itemsize
 
 
 class CellMap:
@@ -62,6 +76,19 @@ class CellMap:
         self.n_used = 0
 
 
+def _rows_to_f32(rows: np.ndarray, type_: str, width: int, head_dim: int) -> np.ndarray:
+    """float32 [n, Hkv, head_dim] copy of cache rows [n, Hkv, width] of ``type_``."""
+    if type_ == "f32":
+        return rows.astype(np.float32)
+    if type_ == "f16":
+        return rows.view(np.float16).astype(np.float32)
+    n, nh = rows.shape[0], rows.shape[1]
+    b = rows.reshape(n, nh, width // Q8_0_BYTES, Q8_0_BYTES)
+    d = b[..., :2].copy().view(np.float16).astype(np.float32)
+    q = b[..., 2:].view(np.int8).astype(np.float32)
+    return (d * q).reshape(n, nh, head_dim)
+
+
 def _regions(n_seq: int, n_cells: int, ring: bool) -> tuple[np.ndarray, list[CellMap]]:
     cell_pos = np.full(n_seq * n_cells, -1, dtype=np.int32)
     return cell_pos, [CellMap(cell_pos[s * n_cells : (s + 1) * n_cells], s * n_cells, ring) for s in range(n_seq)]
@@ -92,10 +119,14 @@ class KVCache:
         for name, t in (("type_k", type_k), ("type_v", type_v)):
             if t not in CACHE_TYPES:
                 raise InvalidParameterError(f"{name}={t!r}: supported cache types are {', '.join(CACHE_TYPES)}")
+        for name, t, hd in (("type_k", type_k, head_dim_k), ("type_v", type_v, head_dim_v)):
+            if t == "q8_0" and hd % Q8_0_BLOCK:
+                raise InvalidParameterError(f"{name}=q8_0 needs a head dimension that is a multiple of 32, got {hd}")
         if n_seq < 1:
             raise InvalidParameterError(f"n_seq must be >= 1, got {n_seq}")
         self.n_ctx = n_ctx
         self.n_seq = n_seq
+        self._head_dim_k = head_dim_k
         self.type_k, self.type_v = type_k, type_v
         self.window = window
         swa = swa_layers if (swa_layers is not None and window > 0) else [False] * n_layer
@@ -109,8 +140,9 @@ class KVCache:
         self.swa = self.swa_seqs[0] if self.swa_seqs is not None else None
         self.windowed = [bool(s) and self.swa is not None for s in swa]  # per layer
         self.maps = [self.swa if w else self.full for w in self.windowed]  # per layer, sequence 0
-        self.k = [np.zeros((n_seq * m.n_cells, n_head_kv, head_dim_k), CACHE_TYPES[type_k]) for m in self.maps]
-        self.v = [np.zeros((n_seq * m.n_cells, n_head_kv, head_dim_v), CACHE_TYPES[type_v]) for m in self.maps]
+        wk, wv = row_width(type_k, head_dim_k), row_width(type_v, head_dim_v)
+        self.k = [np.zeros((n_seq * m.n_cells, n_head_kv, wk), CACHE_TYPES[type_k]) for m in self.maps]
+        self.v = [np.zeros((n_seq * m.n_cells, n_head_kv, wv), CACHE_TYPES[type_v]) for m in self.maps]
 
     @property
     def nbytes(self) -> int:
@@ -146,6 +178,51 @@ class KVCache:
         lo = max(0, n_keep - self.window)
         held = cp[(cp >= lo) & (cp < n_keep)]
         return n_keep if held.size == n_keep - lo else 0
+
+    def shift(
+        self,
+        n_keep: int,
+        n_discard: int,
+        n_past: int,
+        rotate: Callable[[int, np.ndarray, int], None],
+        seq: int = 0,
+    ) -> None:
+        """Context shift of ``seq``: forget positions [n_keep, n_keep + n_discard) and move the
+        positions after them, up to ``n_past``, down by ``n_discard``.
+
+        Moved keys are converted to float32, turned by ``rotate(il, k, -n_discard)`` (in place,
+        k: [n, Hkv, hd]) and stored back: RoPE is a rotation, so rotating a key by -n_discard
+        positions gives the key of its new position. Moved rows land where ``assign`` would put
+        their new positions (cell = position, or position % ring), so afterwards the cache is the
+        one evaluating the kept tokens at their new positions gives, up to the rounding of the
+        re-rotation (llama.cpp's K-shift re-rotates the same way).
+        """
+        from .kernels.ops import STORE_KV
+
+        self.truncate(n_past, seq)
+        d = n_discard
+        for m in self._maps(seq):
+            cp = m.cell_pos
+            held = np.flatnonzero(cp >= 0)
+            pos = cp[held]
+            src = held[pos >= n_keep + d]
+            newpos = cp[src] - d
+            dst = (newpos % m.n_cells if m.ring else newpos).astype(np.int32)
+            kept = held[pos < n_keep]
+            for il in range(len(self.k)):
+                if (self.swa_seqs is not None and m is self.swa_seqs[seq]) != self.windowed[il]:
+                    continue
+                k, v, _ = self.region(il, seq)
+                kf = _rows_to_f32(k[src], self.type_k, self.k[il].shape[2], self._head_dim_k)
+                rotate(il, kf, -d)
+                STORE_KV[self.type_k](kf, k, dst)
+                v[dst] = v[src]  # fancy indexing reads every source row before writing
+            new = np.full_like(cp, -1)
+            new[kept] = cp[kept]
+            new[dst] = newpos
+            cp[:] = new
+            used = np.flatnonzero(cp >= 0)
+            m.n_used = int(used[-1]) + 1 if used.size else 0
 
     def copy(self, src: int, dst: int, n_keep: int) -> None:
         """Make ``dst`` hold positions [0, n_keep) of ``src`` (its cells, K and V), and nothing else.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -34,9 +35,12 @@ import numpy as np
 from .chat import ChatTemplate
 from .errors import ContextOverflowError, InvalidParameterError
 from .gguf import GGUFFile
+from .grammar import Grammar, Matcher, TokenVocab, sample_with_grammar
 from .kv_cache import KVCache
 from .models import Scratch, load_model
+from .plan import context_arrays, prefault
 from .registry import resolve_model
+from .residency import Residency
 from .sampling import Sampler, SamplingParams, StopMatcher
 from .tokenizer import Tokenizer
 
@@ -54,7 +58,7 @@ def _default_threads() -> int:
 
 
 # llama-cpp-python passes KV cache types as GGML type ids
-_GGML_CACHE_TYPES = {0: "f32", 1: "f16"}
+_GGML_CACHE_TYPES = {0: "f32", 1: "f16", 8: "q8_0"}
 
 
 def _cache_type(t: str | int | None, name: str) -> str:
@@ -62,7 +66,7 @@ def _cache_type(t: str | int | None, name: str) -> str:
         return "f16"
     if isinstance(t, int) and not isinstance(t, bool):
         if t not in _GGML_CACHE_TYPES:
-            raise InvalidParameterError(f"{name}={t}: supported GGML cache types are 0 (f32) and 1 (f16)")
+            raise InvalidParameterError(f"{name}={t}: supported GGML cache types are 0 (f32), 1 (f16) and 8 (q8_0)")
         return _GGML_CACHE_TYPES[t]
     return str(t).lower()
 
@@ -88,6 +92,8 @@ class Llama:
         type_k: str | int | None = None,
         type_v: str | int | None = None,
         activations: str = "q8",
+        mem_budget: int | str | None = None,
+        n_keep: int | None = None,
         verbose: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -102,6 +108,11 @@ class Llama:
             raise InvalidParameterError(f"n_batch must be >= 1, got {n_batch}")
         if n_threads is not None and n_threads < 1:
             raise InvalidParameterError(f"n_threads must be >= 1, got {n_threads}")
+        if n_keep is not None and n_keep < 0:
+            raise InvalidParameterError(f"n_keep must be >= 0 (or None: no context shift), got {n_keep}")
+        # n_keep (context shift): when generation fills the context, keep the first n_keep tokens and
+        # drop the older half of the rest instead of stopping (llama.cpp's --keep / context shift)
+        self._n_keep = n_keep
         self.verbose = verbose
         path = resolve_model(model_path)
         self.model_path = str(path)
@@ -111,6 +122,12 @@ class Llama:
         self._gguf = GGUFFile(path, use_mmap=use_mmap)
         self.metadata: dict[str, Any] = self._gguf.metadata
         self._model = load_model(self._gguf)
+        # mem_budget (bytes or "64M"): keep the resident part of the model file under it (lmap/residency.py)
+        self.residency: Residency | None = None
+        if mem_budget is not None:
+            if use_mlock:
+                raise InvalidParameterError("mem_budget and use_mlock exclude each other: mlock pins the whole file")
+            self.residency = Residency.attach(self._model, mem_budget)
         self._tokenizer = Tokenizer.from_metadata(self.metadata)
         hp = self._model.hp
         self._n_ctx = min(n_ctx, hp.n_ctx_train) if n_ctx else hp.n_ctx_train
@@ -132,6 +149,8 @@ class Llama:
         if activations not in ("q8", "f32"):
             raise InvalidParameterError(f"activations={activations!r}: expected 'q8' (as llama.cpp) or 'f32' (exact)")
         self._scratch = Scratch(hp, self.n_batch, self._n_ctx, self.n_batch if logits_all else 1, activations)
+        # resident now rather than page by page as the context fills: RSS stays flat while it talks
+        prefault(self._kv.k + self._kv.v + context_arrays(self._scratch))
         self.input_ids = np.zeros(self._n_ctx, dtype=np.intc)
         # np.zeros maps untouched pages lazily, so n_ctx x n_vocab costs only the rows evaluated
         self.scores = np.zeros((self._n_ctx if logits_all else 1, hp.n_vocab), dtype=np.single)
@@ -236,6 +255,8 @@ class Llama:
         toks = np.asarray(tokens, dtype=np.int32).reshape(-1)
         if toks.size == 0:
             return
+        if self.n_tokens + toks.size > self._n_ctx and self._n_keep is not None:
+            self._shift_context(int(toks.size))
         if self.n_tokens + toks.size > self._n_ctx:
             raise ContextOverflowError(
                 f"{self.n_tokens + toks.size} tokens do not fit in the context of {self._n_ctx} "
@@ -259,6 +280,28 @@ class Llama:
             self.n_tokens += n
         self.timings[f"{phase}_tokens"] += int(toks.size)
         self.timings[f"{phase}_ms"] += (time.perf_counter() - t) * 1e3
+
+    def _shift_context(self, n_new: int) -> None:
+        """Make room for ``n_new`` tokens: keep the first n_keep, drop the older half of the rest.
+
+        The KV cache moves the later tokens down and re-rotates their keys (KVCache.shift), so
+        nothing is evaluated again.
+        """
+        assert self._n_keep is not None
+        while self.n_tokens + n_new > self._n_ctx:
+            n_past = self.n_tokens
+            n_keep = min(self._n_keep, n_past)
+            n_discard = (n_past - n_keep) // 2
+            if n_discard == 0:
+                return  # nothing left to drop: the caller reports the overflow
+            self._kv.shift(n_keep, n_discard, n_past, self._model.rotate_keys)
+            ids = self.input_ids
+            ids[n_keep : n_past - n_discard] = ids[n_keep + n_discard : n_past]  # NumPy copies overlaps safely
+            if self._logits_all:
+                self.scores[n_keep : n_past - n_discard] = self.scores[n_keep + n_discard : n_past]
+            self.n_tokens = n_past - n_discard
+            self._prompt_logits_len = -1
+            log.debug("context shift: kept %d, dropped %d, %d tokens left", n_keep, n_discard, self.n_tokens)
 
     def reset_timings(self) -> None:
         for k in ("prompt_tokens", "prompt_ms", "eval_tokens", "eval_ms", "reused_tokens"):
@@ -311,11 +354,13 @@ class Llama:
         logit_bias: dict[int, float] | None = None,
         logits_processor: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
         stopping_criteria: Callable[[np.ndarray, np.ndarray], bool] | None = None,
+        grammar: Matcher | None = None,
         **_: Any,
     ) -> Iterator[int]:
         """Yield sampled token ids after ``tokens`` forever (the caller stops), as llama-cpp-python.
 
         With ``reset`` the longest prefix shared with the context is kept and only the rest is evaluated.
+        ``grammar`` (a :class:`~lmap.grammar.Matcher`) constrains every token and is advanced past it.
         """
         sampler = self._make_sampler(
             temp=temp,
@@ -358,7 +403,12 @@ class Llama:
             logits = self.last_logits
             if logits_processor is not None:
                 logits = logits_processor(self._input_ids, logits)
-            tok = sampler.sample(logits, self._input_ids)
+            if grammar is not None:
+                # sample freely, pay for the full-vocabulary mask only when the grammar rejects the choice
+                tok = sample_with_grammar(lambda x, h=self._input_ids: sampler.sample(x, h), logits, grammar)
+                grammar.accept(tok)
+            else:
+                tok = sampler.sample(logits, self._input_ids)
             if stopping_criteria is not None and stopping_criteria(self._input_ids, logits):
                 return
             yield tok
@@ -394,9 +444,16 @@ class Llama:
         stopping_criteria: Callable[[np.ndarray, np.ndarray], bool] | None = None,
         logits_processor: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
         logit_bias: dict[int, float] | None = None,
+        grammar: str | Grammar | None = None,
+        response_format: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """An OpenAI ``text_completion`` dict, or with ``stream=True`` an iterator of chunks."""
+        """An OpenAI ``text_completion`` dict, or with ``stream=True`` an iterator of chunks.
+
+        ``grammar`` (GBNF text or a :class:`~lmap.grammar.Grammar`) or ``response_format``
+        (``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"schema": ...}}``)
+        constrains the output; generation ends as soon as the grammar is complete.
+        """
         if suffix is not None:
             raise InvalidParameterError("suffix (fill-in-the-middle) is not supported")
         if logprobs is not None and logprobs < 0:
@@ -421,6 +478,7 @@ class Llama:
             logits_processor=logits_processor,
             logit_bias=logit_bias,
             special=kwargs.pop("_special", False),
+            grammar=self._grammar_matcher(grammar, response_format),
         )
         if stream:
             return gen
@@ -477,6 +535,7 @@ class Llama:
         logits_processor: Callable[[np.ndarray, np.ndarray], np.ndarray] | None,
         logit_bias: dict[int, float] | None,
         special: bool,
+        grammar: Matcher | None = None,
     ) -> Iterator[dict[str, Any]]:
         cid = f"cmpl-{uuid.uuid4()}"
         created = int(time.time())
@@ -495,6 +554,8 @@ class Llama:
             budget = min(max_tokens, self._n_ctx - len(prompt_tokens))
         else:
             budget = self._n_ctx - len(prompt_tokens)
+        if self._n_keep is not None:  # context shift: the context no longer bounds the completion
+            budget = max_tokens if max_tokens is not None and max_tokens > 0 else sys.maxsize
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         matcher = StopMatcher(stops)
         decoder = self._tokenizer.incremental_decoder()
@@ -535,6 +596,7 @@ class Llama:
             logit_bias=logit_bias,
             logits_processor=logits_processor,
             stopping_criteria=stopping_criteria,
+            grammar=grammar,
         ):
             if n_done == 0:
                 self.timings["ttft_ms"] = (time.perf_counter() - t_start) * 1e3
@@ -550,7 +612,7 @@ class Llama:
             if emit or lp:
                 offset += len(emit)
                 yield chunk(emit, None, n_done, lp)
-            if matched:
+            if matched or (grammar is not None and grammar.is_complete):
                 finish = "stop"
                 break
             if n_done >= budget:
@@ -563,6 +625,15 @@ class Llama:
             if rest:
                 yield chunk(rest, None, n_done)
         yield chunk("", finish, n_done)
+
+    def _grammar_matcher(self, grammar: str | Grammar | None, response_format: dict[str, Any] | None) -> Matcher | None:
+        """A fresh matcher for ``grammar`` (GBNF text or Grammar), else for ``response_format``, else None."""
+        g = Grammar.from_gbnf(grammar) if isinstance(grammar, str) else grammar
+        if g is None:
+            g = Grammar.from_response_format(response_format)
+        elif not isinstance(g, Grammar):
+            raise InvalidParameterError(f"grammar must be GBNF text or a Grammar, got {type(g).__name__}")
+        return None if g is None else g.matcher(TokenVocab.from_tokenizer(self._tokenizer))
 
     def _logprobs_entry(self, tok: int, k: int, offset: int) -> dict[str, list[Any]]:
         logits = self.last_logits.astype(np.float64)
@@ -615,9 +686,14 @@ class Llama:
         model: str | None = None,
         logits_processor: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
         logit_bias: dict[int, float] | None = None,
+        grammar: str | Grammar | None = None,
+        response_format: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> dict[str, Any] | Iterator[dict[str, Any]]:
-        """An OpenAI ``chat.completion`` dict, or with ``stream=True`` an iterator of ``chat.completion.chunk``s."""
+        """An OpenAI ``chat.completion`` dict, or with ``stream=True`` an iterator of ``chat.completion.chunk``s.
+
+        ``grammar`` / ``response_format`` constrain the reply as in :meth:`create_completion`.
+        """
         if not messages:
             raise InvalidParameterError("messages must hold at least one message")
         prompt = self.apply_chat_template(messages)
@@ -641,6 +717,7 @@ class Llama:
             logits_processor=logits_processor,
             logit_bias=logit_bias,
             special=True,
+            grammar=self._grammar_matcher(grammar, response_format),
         )
         cid = f"chatcmpl-{uuid.uuid4()}"
 
@@ -696,6 +773,8 @@ class Llama:
         return sum(t.nbytes for t in self._gguf.tensors.values())
 
     def close(self) -> None:
+        if self.residency is not None:
+            self.residency.close()
         self._gguf.close()
 
     def __repr__(self) -> str:

@@ -71,6 +71,20 @@ def _cache_to_f32(c: np.ndarray, n_cells: int, out: np.ndarray) -> None:
                 out[h, j, i] = _f32(c[j, h, i])
 
 
+@njit(cache=True, fastmath=True, parallel=True)
+def _cache_q8_to_f32(c: np.ndarray, n_cells: int, out: np.ndarray) -> None:
+    """out[h, j] = dequantized c[j, h] for j < n_cells (c: [C, Hkv, hd / 32 * 34] Q8_0 blocks)."""
+    nkv = c.shape[1]
+    nb = out.shape[2] // 32
+    for j in prange(n_cells):
+        for h in range(nkv):
+            for b in range(nb):
+                o = b * 34
+                d = half_to_float(np.uint16(c[j, h, o]) | (np.uint16(c[j, h, o + 1]) << np.uint16(8)))
+                for i in range(32):
+                    out[h, j, b * 32 + i] = d * np.float32(np.int8(c[j, h, o + 2 + i]))
+
+
 @njit(cache=True, fastmath=True)
 def _gather_q(
     q: np.ndarray, t0: int, t1: int, h0: int, group: int, scale: float, round16: bool, out: np.ndarray
@@ -162,7 +176,7 @@ def _visible_span(cell_pos: np.ndarray, n_cells: int, pmin: int, pmax: int, wind
 
 def attention_batch(
     q: np.ndarray,  # [n, H, hd] float32
-    k: np.ndarray,  # [C, Hkv, hd] cache (float32 or uint16 half)
+    k: np.ndarray,  # [C, Hkv, hd] cache (float32, uint16 half, or uint8 Q8_0 blocks [C, Hkv, hd / 32 * 34])
     v: np.ndarray,  # [C, Hkv, hdv]
     pos: np.ndarray,  # [n] int32
     cell_pos: np.ndarray,  # [C] int32, -1 if empty
@@ -178,8 +192,9 @@ def attention_batch(
     nkv = k.shape[1]
     group = nh // nkv
     kf, vf = w.k[:, :n_cells], w.v[:, :n_cells]
-    _cache_to_f32(k, n_cells, w.k)
-    _cache_to_f32(v, n_cells, w.v)
+    # one float32 copy per layer: Q8_0 blocks are dequantized here, so the products below are the same
+    (_cache_q8_to_f32 if k.dtype == np.uint8 else _cache_to_f32)(k, n_cells, w.k)
+    (_cache_q8_to_f32 if v.dtype == np.uint8 else _cache_to_f32)(v, n_cells, w.v)
     block = w.block(n, n_cells, group)
     for t0 in range(0, n, block):
         t1 = min(t0 + block, n)

@@ -119,6 +119,90 @@ def store_kv_f32(src: np.ndarray, cache: np.ndarray, cells: np.ndarray) -> None:
         cache[cells[t]] = src[t]
 
 
+@njit(cache=True, fastmath=False)
+def store_kv_q8_0(src: np.ndarray, cache: np.ndarray, cells: np.ndarray) -> None:
+    """cache[cells[t]] = Q8_0 blocks of src[t] (cache: [C, Hkv, hd / 32 * 34] uint8), as quantize_row_q8_0.
+
+    Per block of 32: d = amax / 127 stored as f16 (little-endian), q = rint(x / d) as int8.
+    """
+    n, nh, hd = src.shape
+    for t in range(n):
+        c = cells[t]
+        for h in range(nh):
+            for b in range(hd // 32):
+                amax = np.float32(0.0)
+                for j in range(32):
+                    amax = max(amax, abs(src[t, h, b * 32 + j]))
+                d = amax / np.float32(127.0)
+                inv = np.float32(1.0) / d if d != 0.0 else np.float32(0.0)
+                dh = float_to_half(d)
+                o = b * 34
+                cache[c, h, o] = np.uint8(dh & np.uint16(0xFF))
+                cache[c, h, o + 1] = np.uint8(dh >> np.uint16(8))
+                for j in range(32):
+                    cache[c, h, o + 2 + j] = np.uint8(np.int32(np.rint(src[t, h, b * 32 + j] * inv)) & 0xFF)
+
+
+# cache type name (lmap/kv_cache.py) -> the kernel that writes rows into it
+STORE_KV = {"f16": store_kv_f16, "f32": store_kv_f32, "q8_0": store_kv_q8_0}
+
+
+def _dot_row(q, t, h, k, c, kh):  # type: ignore[no-untyped-def]
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_dot_row, inline="always")
+def _dot_row_impl(q, t, h, k, c, kh):  # type: ignore[no-untyped-def]
+    """dot(q[t, h], key row k[c, kh]) for a float32, half or Q8_0-block cache."""
+    if k.dtype == types.uint8:
+
+        def dot_q8(q, t, h, k, c, kh):  # type: ignore[no-untyped-def]
+            d = np.float32(0.0)
+            for b in range(q.shape[2] // 32):
+                o = b * 34
+                scale = half_to_float(np.uint16(k[c, kh, o]) | (np.uint16(k[c, kh, o + 1]) << np.uint16(8)))
+                s = np.float32(0.0)
+                for j in range(32):
+                    s += q[t, h, b * 32 + j] * np.float32(np.int8(k[c, kh, o + 2 + j]))
+                d += scale * s
+            return d
+
+        return dot_q8
+
+    def dot(q, t, h, k, c, kh):  # type: ignore[no-untyped-def]
+        d = np.float32(0.0)
+        for i in range(q.shape[2]):
+            d += q[t, h, i] * _f32(k[c, kh, i])
+        return d
+
+    return dot
+
+
+def _acc_row(out, t, h, w, v, c, kh):  # type: ignore[no-untyped-def]
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_acc_row, inline="always")
+def _acc_row_impl(out, t, h, w, v, c, kh):  # type: ignore[no-untyped-def]
+    """out[t, h] += w * value row v[c, kh] for a float32, half or Q8_0-block cache."""
+    if v.dtype == types.uint8:
+
+        def acc_q8(out, t, h, w, v, c, kh):  # type: ignore[no-untyped-def]
+            for b in range(out.shape[2] // 32):
+                o = b * 34
+                ws = w * half_to_float(np.uint16(v[c, kh, o]) | (np.uint16(v[c, kh, o + 1]) << np.uint16(8)))
+                for j in range(32):
+                    out[t, h, b * 32 + j] += ws * np.float32(np.int8(v[c, kh, o + 2 + j]))
+
+        return acc_q8
+
+    def acc(out, t, h, w, v, c, kh):  # type: ignore[no-untyped-def]
+        for i in range(out.shape[2]):
+            out[t, h, i] += w * _f32(v[c, kh, i])
+
+    return acc
+
+
 @njit(cache=True, fastmath=True, inline="always")
 def _attend(q, k, v, cell_pos, t, h, kh, p, c0, c1, sc, window, softcap, s, out):  # type: ignore[no-untyped-def]
     """out[t, h] = attention of query head (t, h) at position p over cells [c0, c1); scores in s[: c1 - c0].
@@ -136,9 +220,7 @@ def _attend(q, k, v, cell_pos, t, h, kh, p, c0, c1, sc, window, softcap, s, out)
         if cp < 0 or cp > p or cp <= lo:
             s[j] = np.float32(-np.inf)
             continue
-        d = np.float32(0.0)
-        for i in range(hd):
-            d += q[t, h, i] * _f32(k[c, kh, i])
+        d = _dot_row(q, t, h, k, c, kh)
         d *= sc
         if softcap > 0.0:
             d = np.float32(softcap) * np.float32(math.tanh(d / np.float32(softcap)))
@@ -156,9 +238,7 @@ def _attend(q, k, v, cell_pos, t, h, kh, p, c0, c1, sc, window, softcap, s, out)
     for j in range(n_cells):
         w = s[j] * inv
         if w != 0.0:
-            c = c0 + j
-            for i in range(hd):
-                out[t, h, i] += w * _f32(v[c, kh, i])
+            _acc_row(out, t, h, w, v, c0 + j, kh)
 
 
 @njit(cache=True, fastmath=True, parallel=True)

@@ -242,8 +242,7 @@ class Model:
         hp = self.hp
         windowed = kv.windowed[il]
         cells = s.cells_swa[:n] if windowed else s.cells[:n]
-        store_k = ops.store_kv_f16 if kv.type_k == "f16" else ops.store_kv_f32
-        store_v = ops.store_kv_f16 if kv.type_v == "f16" else ops.store_kv_f32
+        store_k, store_v = ops.STORE_KV[kv.type_k], ops.STORE_KV[kv.type_v]
         sc = scale if scale is not None else 1.0 / np.sqrt(hp.head_dim_k)
         window = kv.window if windowed else 0
         if rows:
@@ -267,6 +266,24 @@ class Model:
     def swa_layers(self) -> list[bool]:
         """Which layers use sliding-window attention (none, unless the architecture says so)."""
         return [False] * self.hp.n_layer
+
+    def rope_params(self, il: int) -> tuple[float, float]:
+        """(freq_base, freq_scale) of layer ``il``'s rope."""
+        return self.hp.rope_freq_base, self.hp.rope_freq_scale
+
+    def rotate_keys(self, il: int, k: np.ndarray, delta: int) -> None:
+        """Rotate cached keys of layer ``il`` (float32 [n, Hkv, hd], in place) by ``delta`` positions.
+
+        The context shift's K-shift: rope(p) then rope(delta) is rope(p + delta), with the angles
+        of ``delta`` computed by the same rope cache as a forward pass.
+        """
+        hp = self.hp
+        base, scale = self.rope_params(il)
+        cos = np.zeros((1, hp.n_rot // 2), np.float32)
+        sin = np.zeros((1, hp.n_rot // 2), np.float32)
+        ops.rope_cache(np.array([delta], np.int32), hp.n_rot, base, scale, cos, sin)
+        n = k.shape[0]
+        ops.rope(k, np.repeat(cos, n, axis=0), np.repeat(sin, n, axis=0), self.neox_rope)
 
     def logits(self, s: Scratch, n: int, all_logits: bool, rows: bool = False, hidden: bool = False) -> np.ndarray:
         """Final norm and output projection; returns a view of s.logits ([n or 1, vocab]).

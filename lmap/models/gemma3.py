@@ -69,6 +69,10 @@ class Gemma3(Model):
     def swa_layers(self) -> list[bool]:
         return self._swa
 
+    def rope_params(self, il: int) -> tuple[float, float]:
+        # local layers rotate with their own base and no scaling (see forward)
+        return (self.hp.rope_freq_base_swa, 1.0) if self._swa[il] else super().rope_params(il)
+
     def forward(
         self,
         tokens: np.ndarray,
@@ -92,6 +96,7 @@ class Gemma3(Model):
         rows = self.begin(pos, s, kv, seq)
         mm = self.matmul
         for i, L in enumerate(self.layers):
+            self.residency.layer(i)
             local = self._swa[i]
             cos, sin = (s.cos2[:n], s.sin2[:n]) if local else (s.cos[:n], s.sin[:n])
             ops.rmsnorm(x, L.attn_norm, hp.rms_eps, xb)

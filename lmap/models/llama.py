@@ -63,6 +63,7 @@ class Llama(Model):
         rows = self.begin(pos, s, kv, seq)
         mm = self.matmul
         for i, L in enumerate(self.layers):
+            self.residency.layer(i)
             ops.rmsnorm(x, L.attn_norm, hp.rms_eps, xb)
             mm(L.attn_q, xb, q.reshape(n, -1), s, rows)
             mm(L.attn_k, xb, k.reshape(n, -1), s, rows)
