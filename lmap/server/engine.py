@@ -42,6 +42,7 @@ from ..errors import LmapError
 from ..grammar import Matcher, sample_with_grammar
 from ..kv_cache import KVCache
 from ..models import Scratch
+from ..plan import context_arrays, prefault
 from ..sampling import Sampler, SamplingParams, StopMatcher, top_logprobs
 from ..threads import set_threads
 
@@ -191,6 +192,8 @@ class Engine:
         )
         activations = "q8" if llama._scratch.xq is not None else "f32"
         self.s = Scratch(hp, self.n_batch, self.n_ctx, self.n_slots, activations, self.n_slots)
+        # resident now, not page by page as slots fill: server RSS stays flat under load
+        prefault(self.kv.k + self.kv.v + context_arrays(self.s))
         self.slots = [Slot(i, self.n_ctx, self.n_vocab) for i in range(self.n_slots)]
         self.eog = self.tokenizer.eog_ids
         self._ids = np.zeros(self.n_slots, np.int32)
