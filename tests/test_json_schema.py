@@ -493,6 +493,10 @@ def test_tokenized_instances_are_accepted(smollm2_vocab: tuple[Tokenizer, TokenV
         ids = tok.encode(text, add_special=False)
         if tok.decode(ids) != text.encode():
             continue  # unassigned code points lose bytes in tokenization (llama.cpp gives the same ids)
+        if isinstance(doc, dict) and any(json.dumps(k).startswith('"\\') for k in doc):
+            # llama.cpp's grammar for keys other than the named ones starts with a raw [^"i], so a
+            # key that begins with an escape (\" ...) cannot match there: ported as it is
+            continue
         checked += 1
         m = g.matcher(vocab)
         for t in ids:

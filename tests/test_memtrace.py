@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import subprocess
 import sys
 import time
@@ -24,10 +25,14 @@ def test_sampler_sees_an_allocation(tmp_path: Path) -> None:
     path = tmp_path / "m.csv"
     with MemorySampler(path, interval=0.02) as trace:
         time.sleep(0.1)
-        a = np.ones(64 * 2**20 // 8)  # 64 MiB, pages touched
+        # a fresh anonymous mapping (np.ones may reuse heap pages earlier tests left resident), then touched
+        buf = mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        a = np.frombuffer(buf, np.float64)
+        a.fill(1.0)
         trace.mark("allocated")
         time.sleep(0.1)
         del a
+        buf.close()
     cols = read_trace(path)
     assert cols["event"][0] == "start" and cols["event"][-1] == "end" and "allocated" in cols["event"]
     assert trace.samples == len(cols["t_s"]) >= 8

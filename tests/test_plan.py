@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +80,9 @@ def test_prefault_makes_pages_resident() -> None:
                 return int(line.split()[1]) * 1024
         raise AssertionError("no RssAnon")
 
-    a = np.zeros(64 * MiB, np.uint8)  # mapped lazily: not resident yet
+    # a fresh anonymous mapping: np.zeros may reuse heap pages freed (resident) by earlier tests
+    buf = mmap.mmap(-1, 64 * MiB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    a = np.frombuffer(buf, np.uint8)  # mapped lazily: not resident yet
     before = anon()
     assert prefault([a]) == 64 * MiB
     assert anon() - before > 56 * MiB
@@ -112,9 +115,12 @@ print(json.dumps({"rss": st["VmRSS"], "anon": st["RssAnon"], "file": st["RssFile
 def test_plan_matches_rss(model: str, n_ctx: int, request: pytest.FixtureRequest) -> None:
     """A fresh process that loaded the model (warm-up touches every weight) is within 10 % of the plan."""
     path = request.getfixturevalue(model)
-    out = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(path), str(n_ctx)], capture_output=True, text=True, check=True
-    )
+    # twice: a first process may compile kernels missing from Numba's cache (a fresh checkout),
+    # and LLVM's memory is not part of a warm start's plan
+    for _ in range(2):
+        out = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(path), str(n_ctx)], capture_output=True, text=True, check=True
+        )
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["kv"] == m["kv_alloc"]
     assert abs(m["rss"] - m["plan"]) <= 0.10 * m["rss"], m
