@@ -195,11 +195,11 @@ MULTI: dict[str, tuple[Callable[..., None] | None, Callable[..., None]]] = {
 _QUANTIZE_ROWS = {ops.quantize_q8: quantize_rows_q8, quantize_q8_k: quantize_rows_q8_k}
 
 
-def matmul_rows(w: QMatrix, x: np.ndarray, out: np.ndarray, acts: RowActs, act: ActScratch | None) -> None:
+def matmul_rows(w: QMatrix, x: np.ndarray, out: np.ndarray, acts: RowActs | None, act: ActScratch | None) -> None:
     """out[j] = W @ x[j] for each row j, each exactly as ``w.matmul(x[j : j + 1], ...)`` computes it.
 
     ``act`` is the model's activation setting (None: exact float32 products), as for
-    :meth:`QMatrix.matmul`.
+    :meth:`QMatrix.matmul`; ``acts`` (the quantized rows' scratch) is needed only with it.
     """
     n, k = x.shape
     kern = w.k
@@ -212,6 +212,7 @@ def matmul_rows(w: QMatrix, x: np.ndarray, out: np.ndarray, acts: RowActs, act: 
         for j in range(n):
             w.matvec(x[j], out[j])
         return
+    assert acts is not None, "quantized activations need the RowActs scratch (Scratch.acts)"
     xq, xd, xs = acts.q[:n, :k], acts.d[:n, : k // 32], acts.s[:n, : k // 32]
     quantize = _QUANTIZE_ROWS.get(kern.quantize)
     if quantize is not None:

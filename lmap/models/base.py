@@ -219,7 +219,7 @@ class Model:
     def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray, s: Scratch, rows: bool) -> None:
         """out = x @ W.T; with ``rows`` (one row per sequence) each row is computed exactly as if alone."""
         if rows and x.shape[0] > 1:
-            matmul_rows(w, x, out, s.acts if s.acts is not None else RowActs(x.shape[0], x.shape[1]), s.xq)
+            matmul_rows(w, x, out, s.acts, s.xq)
         else:
             w.matmul(x, out, s.tile, s.xq)
 
