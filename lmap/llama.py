@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import numba
 import numpy as np
 
 from .chat import ChatTemplate
@@ -42,6 +41,7 @@ from .plan import context_arrays, prefault
 from .registry import resolve_model
 from .residency import Residency
 from .sampling import Sampler, SamplingParams, StopMatcher
+from .threads import set_threads
 from .tokenizer import Tokenizer
 
 log = logging.getLogger("lmap")
@@ -117,7 +117,7 @@ class Llama:
         path = resolve_model(model_path)
         self.model_path = str(path)
         self.n_threads = n_threads or _default_threads()
-        numba.set_num_threads(min(self.n_threads, numba.config.NUMBA_NUM_THREADS))
+        set_threads(self.n_threads, blas=False)
 
         self._gguf = GGUFFile(path, use_mmap=use_mmap)
         self.metadata: dict[str, Any] = self._gguf.metadata

@@ -187,8 +187,7 @@ def scratch_buffers(
     nb32 = max(max_cols // 32, 1)
     if activations == "q8":
         out.append(Buffer("scratch", "quantized activations", B * max_cols * f4 + max_cols + 2 * nb32 * f4))
-        if n_seq > 1:
-            out.append(Buffer("scratch", "per-sequence activations", n_seq * (max_cols + 2 * nb32 * f4)))
+        out.append(Buffer("scratch", "decode activations (int8)", max(n_seq, 1) * (max_cols + 2 * nb32 * f4)))
     if B >= BATCH_ATTENTION:
         from .kernels.attention import SCORES_BYTES
 

@@ -1,6 +1,6 @@
 """Where each millisecond of a token goes: a per-phase profile of decode and prompt passes.
 
-``lmap bench --profile`` wraps the model's building blocks (every ``QMatrix.matmul`` by tensor
+``lmap bench --profile`` wraps the model's building blocks (every ``Model.matmul`` by tensor
 role, attention with its KV store, norms, rope, the gated activation, residual adds, the
 embedding gather) in timers for the duration of a run, then divides by the tokens evaluated.
 What is not inside any block — the Python of the layer loop, argument checks, view slicing —
@@ -23,6 +23,7 @@ from typing import Any
 # ops functions timed, by the phase they are reported under
 OPS_PHASES = {
     "rmsnorm": "norms",
+    "rmsnorm_heads": "norms",
     "layernorm": "norms",
     "rope": "rope",
     "rope_cache": "rope",
@@ -85,9 +86,9 @@ def profiling(model: Any) -> Iterator[Profile]:
     prof = Profile()
     saved: list[tuple[Any, str, Any]] = []
 
-    def timed(owner: Any, name: str, phase: Callable[..., str] | str) -> None:
+    def timed(owner: Any, name: str, phase: Callable[..., str] | str, static: bool = False) -> None:
         fn = getattr(owner, name)
-        saved.append((owner, name, fn))
+        saved.append((owner, name, staticmethod(fn) if static else fn))
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             key = phase(*args) if callable(phase) else phase
@@ -98,12 +99,13 @@ def profiling(model: Any) -> Iterator[Profile]:
                 prof.seconds[key] += time.perf_counter() - t
                 prof.calls[key] += 1
 
-        setattr(owner, name, wrapper)
+        setattr(owner, name, staticmethod(wrapper) if static else wrapper)
 
     for name, phase in OPS_PHASES.items():
         if hasattr(ops, name):
             timed(ops, name, phase)
-    timed(QMatrix, "matmul", lambda w, *a: f"matmul {_role(w.name)}")
+    timed(base.Model, "matmul", lambda w, *a: f"matmul {_role(w.name)}", static=True)
+    timed(base.Model, "matmuls", lambda pairs, *a: "matmul " + "+".join(_role(w.name) for w, _ in pairs), static=True)
     timed(QMatrix, "gather", "embedding gather")
     timed(base.Model, "attention", "attention + kv store")
     cls = type(model)

@@ -11,15 +11,27 @@ from __future__ import annotations
 import numba
 from threadpoolctl import threadpool_info, threadpool_limits
 
-__all__ = ["set_threads", "blas_threads"]
+__all__ = ["set_threads", "blas_threads", "decode_threads"]
+
+# Decode's spinning team (kernels/team.py) is sized by this, process-wide: numba.get_num_threads()
+# is per calling thread and costs ~2 µs, too much to ask at each of a token's ~150 products.
+_decode_threads = int(numba.config.NUMBA_NUM_THREADS)
 
 
-def set_threads(n: int) -> int:
+def set_threads(n: int, blas: bool = True) -> int:
     """Use ``n`` threads (clipped to Numba's pool size) for kernels and BLAS; returns the count used."""
+    global _decode_threads
     n = max(1, min(int(n), int(numba.config.NUMBA_NUM_THREADS)))
     numba.set_num_threads(n)
-    threadpool_limits(n, user_api="blas")
+    _decode_threads = n
+    if blas:
+        threadpool_limits(n, user_api="blas")
     return n
+
+
+def decode_threads() -> int:
+    """Threads of decode's team: the count last given to :func:`set_threads`."""
+    return _decode_threads
 
 
 def blas_threads() -> int | None:

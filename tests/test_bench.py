@@ -192,20 +192,21 @@ def test_bench_gemma3_runs_or_fails_cleanly(gemma3_path: Path) -> None:
 def test_profile_counts_every_block_and_restores_the_model(smollm2_path: Path) -> None:
     from lmap import Llama
     from lmap.kernels import ops
+    from lmap.models.base import Model
     from lmap.profile import profiling
-    from lmap.quants import QMatrix
 
     llm = Llama(str(smollm2_path), n_ctx=64, verbose=False)
-    before = (QMatrix.matmul, ops.rmsnorm, type(llm._model).forward)
+    before = (Model.matmul, Model.matmuls, ops.rmsnorm, type(llm._model).forward)
     with profiling(llm._model) as prof:
         llm.eval([1, 2, 3, 4])  # one 4-token pass
         for t in (5, 6):  # two decode passes
             llm.eval([t])
-    assert (QMatrix.matmul, ops.rmsnorm, type(llm._model).forward) == before  # wrappers removed
+    assert (Model.matmul, Model.matmuls, ops.rmsnorm, type(llm._model).forward) == before  # wrappers removed
     n_layer = llm._model.hp.n_layer
     assert prof.tokens == 6
-    # three passes: every layer's projections once per pass, the output projection once per pass
-    for role in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"):
+    # three passes: every layer's projections once per pass (those sharing an input together),
+    # the output projection once per pass
+    for role in ("attn_q+attn_k+attn_v", "attn_output", "ffn_gate+ffn_up", "ffn_down"):
         assert prof.calls[f"matmul {role}"] == 3 * n_layer, role
     assert prof.calls["attention + kv store"] == 3 * n_layer
     assert 0 < sum(prof.seconds.values()) <= prof.wall

@@ -50,15 +50,18 @@ def test_matvec_is_vectorized(fmt: str) -> None:
 
 def test_rmsnorm_and_swiglu_are_vectorized() -> None:
     x = np.zeros((2, 64), np.float32)
-    assert PACKED.search(fresh_asm(ops.rmsnorm, x, np.zeros(64, np.float32), 1e-5, x.copy()))
-    assert PACKED.search(fresh_asm(ops.swiglu, x, x.copy()))
+    for rmsnorm in (ops.rmsnorm_serial, ops.rmsnorm_parallel):
+        assert PACKED.search(fresh_asm(rmsnorm, x, np.zeros(64, np.float32), 1e-5, x.copy()))
+    for swiglu in (ops.swiglu_serial, ops.swiglu_parallel):
+        assert PACKED.search(fresh_asm(swiglu, x, x.copy()))
 
 
-def test_attention_is_vectorized() -> None:
+@pytest.mark.parametrize("kernel", ["attention_parallel", "attention_serial"])
+def test_attention_is_vectorized(kernel: str) -> None:
     q = np.zeros((1, 4, 64), np.float32)
     kc = np.zeros((8, 2, 64), np.uint16)
     asm = fresh_asm(
-        ops.attention,
+        getattr(ops, kernel),
         q,
         kc,
         kc.copy(),

@@ -29,33 +29,70 @@ def _f32_impl(x):  # type: ignore[no-untyped-def]
     return lambda x: np.float32(x)
 
 
+# Decode batches (one token, or one row per server slot) are too small to share out: a parallel
+# launch costs more than the work, and would wake pool threads that compete with decode's spinning
+# team (team.py). Each row-wise kernel is therefore an inline row body with a serial and a
+# parallel loop around it, and a dispatcher that picks by the number of rows.
+SERIAL_ROWS = 8
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _rmsnorm_row(x, w, eps, out, t):  # type: ignore[no-untyped-def]
+    d = x.shape[1]
+    ss = np.float32(0.0)
+    for i in range(d):
+        ss += x[t, i] * x[t, i]
+    # llama.cpp sums in float and scales by 1/sqrt(mean + eps)
+    scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(d) + np.float32(eps)))
+    for i in range(d):
+        out[t, i] = x[t, i] * scale * w[i]
+
+
+@njit(cache=True, fastmath=True)
+def rmsnorm_serial(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
+    for t in range(x.shape[0]):
+        _rmsnorm_row(x, w, eps, out, t)
+
+
 @njit(cache=True, fastmath=True, parallel=True)
+def rmsnorm_parallel(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
+    for t in prange(x.shape[0]):
+        _rmsnorm_row(x, w, eps, out, t)
+
+
 def rmsnorm(x: np.ndarray, w: np.ndarray, eps: float, out: np.ndarray) -> None:
     """out[t] = x[t] / sqrt(mean(x[t]^2) + eps) * w  (x, out: [n, d]; may alias)."""
-    n, d = x.shape
-    for t in prange(n):
-        ss = np.float32(0.0)
-        for i in range(d):
-            ss += x[t, i] * x[t, i]
-        # llama.cpp sums in float and scales by 1/sqrt(mean + eps)
-        scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(d) + np.float32(eps)))
-        for i in range(d):
-            out[t, i] = x[t, i] * scale * w[i]
+    (rmsnorm_serial if x.shape[0] <= SERIAL_ROWS else rmsnorm_parallel)(x, w, eps, out)
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _rmsnorm_head(x, w, eps, th):  # type: ignore[no-untyped-def]
+    nh, hd = x.shape[1], x.shape[2]
+    t = th // nh
+    h = th % nh
+    ss = np.float32(0.0)
+    for i in range(hd):
+        ss += x[t, h, i] * x[t, h, i]
+    scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(hd) + np.float32(eps)))
+    for i in range(hd):
+        x[t, h, i] = x[t, h, i] * scale * w[i]
+
+
+@njit(cache=True, fastmath=True)
+def rmsnorm_heads_serial(x: np.ndarray, w: np.ndarray, eps: float) -> None:
+    for th in range(x.shape[0] * x.shape[1]):
+        _rmsnorm_head(x, w, eps, th)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
+def rmsnorm_heads_parallel(x: np.ndarray, w: np.ndarray, eps: float) -> None:
+    for th in prange(x.shape[0] * x.shape[1]):
+        _rmsnorm_head(x, w, eps, th)
+
+
 def rmsnorm_heads(x: np.ndarray, w: np.ndarray, eps: float) -> None:
     """In-place per-head RMSNorm (x: [n, H, hd], w: [hd]), the Q/K norm of gemma3 and qwen3."""
-    n, nh, hd = x.shape
-    for th in prange(n * nh):
-        t = th // nh
-        h = th % nh
-        ss = np.float32(0.0)
-        for i in range(hd):
-            ss += x[t, h, i] * x[t, h, i]
-        scale = np.float32(1.0) / np.float32(math.sqrt(ss / np.float32(hd) + np.float32(eps)))
-        for i in range(hd):
-            x[t, h, i] = x[t, h, i] * scale * w[i]
+    (rmsnorm_heads_serial if x.shape[0] <= SERIAL_ROWS else rmsnorm_heads_parallel)(x, w, eps)
 
 
 @njit(cache=True, fastmath=False)
@@ -76,29 +113,44 @@ def rope_cache(
             theta = np.float32(theta * theta_scale)
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _rope_head(x, cos, sin, neox, th):  # type: ignore[no-untyped-def]
+    nh = x.shape[1]
+    half = cos.shape[1]
+    t = th // nh
+    h = th % nh
+    for i in range(half):
+        if neox:
+            a = i
+            b = i + half
+        else:
+            a = 2 * i
+            b = 2 * i + 1
+        x0 = x[t, h, a]
+        x1 = x[t, h, b]
+        x[t, h, a] = x0 * cos[t, i] - x1 * sin[t, i]
+        x[t, h, b] = x0 * sin[t, i] + x1 * cos[t, i]
+
+
+@njit(cache=True, fastmath=True)
+def rope_serial(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
+    for th in range(x.shape[0] * x.shape[1]):
+        _rope_head(x, cos, sin, neox, th)
+
+
 @njit(cache=True, fastmath=True, parallel=True)
+def rope_parallel(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
+    for th in prange(x.shape[0] * x.shape[1]):
+        _rope_head(x, cos, sin, neox, th)
+
+
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, neox: bool) -> None:
     """Rotate the first n_rot = 2 * cos.shape[1] dims of every head in place (x: [n, H, hd]).
 
     "norm" rope (llama) rotates adjacent pairs (2i, 2i+1); "neox" rope (gemma, qwen)
     rotates (i, i + n_rot/2).
     """
-    n, nh, hd = x.shape
-    half = cos.shape[1]
-    for th in prange(n * nh):
-        t = th // nh
-        h = th % nh
-        for i in range(half):
-            if neox:
-                a = i
-                b = i + half
-            else:
-                a = 2 * i
-                b = 2 * i + 1
-            x0 = x[t, h, a]
-            x1 = x[t, h, b]
-            x[t, h, a] = x0 * cos[t, i] - x1 * sin[t, i]
-            x[t, h, b] = x0 * sin[t, i] + x1 * cos[t, i]
+    (rope_serial if x.shape[0] <= SERIAL_ROWS else rope_parallel)(x, cos, sin, neox)
 
 
 @njit(cache=True, fastmath=True)
@@ -242,7 +294,7 @@ def _attend(q, k, v, cell_pos, t, h, kh, p, c0, c1, sc, window, softcap, s, out)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def attention(
+def attention_parallel(
     q: np.ndarray,  # [n, H, hd] float32
     k: np.ndarray,  # [C, Hkv, hd] cache (float32 or uint16 half)
     v: np.ndarray,  # [C, Hkv, hd]
@@ -283,6 +335,64 @@ def attention(
             scores[numba.get_thread_id()],
             out,
         )
+
+
+@njit(cache=True, fastmath=True)
+def attention_serial(
+    q: np.ndarray,  # [n, H, hd] float32
+    k: np.ndarray,  # [C, Hkv, hd] cache (float32 or uint16 half)
+    v: np.ndarray,  # [C, Hkv, hd]
+    pos: np.ndarray,  # [n] int32: position of each query
+    cell_pos: np.ndarray,  # [C] int32: position held by each cell, -1 if empty
+    n_cells: int,  # cells [0, n_cells) may be valid
+    scale: float,
+    window: int,  # 0: full causal; w > 0: a query at p sees positions (p - w, p]
+    softcap: float,  # 0: none; else scores = softcap * tanh(scores / softcap)
+    scores: np.ndarray,  # [n_threads, C] scratch
+    out: np.ndarray,  # [n, H, hd]
+) -> None:
+    """:func:`attention_parallel` in one thread (one query token: decode)."""
+    n, nh, hd = q.shape
+    group = nh // k.shape[1]
+    sc = np.float32(scale)
+    for th in range(n * nh):
+        t = th // nh
+        h = th % nh
+        _attend(
+            q,
+            k,
+            v,
+            cell_pos,
+            t,
+            h,
+            h // group,
+            pos[t],
+            0,
+            n_cells,
+            sc,
+            window,
+            softcap,
+            scores[0],
+            out,
+        )
+
+
+def attention(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    pos: np.ndarray,
+    cell_pos: np.ndarray,
+    n_cells: int,
+    scale: float,
+    window: int,
+    softcap: float,
+    scores: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Causal (optionally sliding-window) grouped-query attention over the cache (see attention_parallel)."""
+    kernel = attention_serial if q.shape[0] == 1 else attention_parallel
+    kernel(q, k, v, pos, cell_pos, n_cells, scale, window, softcap, scores, out)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
@@ -328,19 +438,34 @@ def attention_spans(
         )
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _swiglu_row(gate, up, t):  # type: ignore[no-untyped-def]
+    f = gate.shape[1]
+    f8 = f // 8 * 8
+    gp = gate.ctypes.data + t * gate.strides[0]
+    up_ = up.ctypes.data + t * up.strides[0]
+    for i in range(0, f8, 8):  # 8 lanes at a time: math.exp would be a scalar libm call
+        silu_mul8(gp + 4 * i, up_ + 4 * i)
+    for i in range(f8, f):
+        g = gate[t, i]
+        gate[t, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[t, i]
+
+
+@njit(cache=True, fastmath=True)
+def swiglu_serial(gate: np.ndarray, up: np.ndarray) -> None:
+    for t in range(gate.shape[0]):
+        _swiglu_row(gate, up, t)
+
+
 @njit(cache=True, fastmath=True, parallel=True)
+def swiglu_parallel(gate: np.ndarray, up: np.ndarray) -> None:
+    for t in prange(gate.shape[0]):
+        _swiglu_row(gate, up, t)
+
+
 def swiglu(gate: np.ndarray, up: np.ndarray) -> None:
     """gate = silu(gate) * up, in place ([n, ff])."""
-    n, f = gate.shape
-    f8 = f // 8 * 8
-    gp, up_ = gate.ctypes.data, up.ctypes.data
-    gs, us = gate.strides[0], up.strides[0]
-    for t in prange(n):
-        for i in range(0, f8, 8):  # 8 lanes at a time: math.exp would be a scalar libm call
-            silu_mul8(gp + t * gs + 4 * i, up_ + t * us + 4 * i)
-        for i in range(f8, f):
-            g = gate[t, i]
-            gate[t, i] = g / (np.float32(1.0) + np.float32(math.exp(-g))) * up[t, i]
+    (swiglu_serial if gate.shape[0] <= SERIAL_ROWS else swiglu_parallel)(gate, up)
 
 
 def _gelu_f16_table() -> np.ndarray:
@@ -360,7 +485,40 @@ GELU_F16_TABLE = _gelu_f16_table()
 EXACT = np.zeros(0, np.float32)  # pass as ``table`` for the exact float32 function
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _geglu_row(gate, up, table, t):  # type: ignore[no-untyped-def]
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    lookup = table.shape[0] > 0
+    for i in range(gate.shape[1]):
+        x = gate[t, i]
+        if lookup:
+            if x <= np.float32(-10.0):
+                g = np.float32(0.0)
+            elif x >= np.float32(10.0):
+                g = x
+            else:
+                g = table[float_to_half(x)]
+        else:
+            g = (
+                np.float32(0.5)
+                * x
+                * (np.float32(1.0) + np.float32(math.tanh(c * x * (np.float32(1.0) + np.float32(0.044715) * x * x))))
+            )
+        gate[t, i] = g * up[t, i]
+
+
+@njit(cache=True, fastmath=True)
+def geglu_serial(gate: np.ndarray, up: np.ndarray, table: np.ndarray) -> None:
+    for t in range(gate.shape[0]):
+        _geglu_row(gate, up, table, t)
+
+
 @njit(cache=True, fastmath=True, parallel=True)
+def geglu_parallel(gate: np.ndarray, up: np.ndarray, table: np.ndarray) -> None:
+    for t in prange(gate.shape[0]):
+        _geglu_row(gate, up, table, t)
+
+
 def geglu(gate: np.ndarray, up: np.ndarray, table: np.ndarray) -> None:
     """gate = gelu_tanh(gate) * up, in place ([n, ff]), as ggml_vec_geglu_f32.
 
@@ -368,29 +526,7 @@ def geglu(gate: np.ndarray, up: np.ndarray, table: np.ndarray) -> None:
     table of half-rounded GELU values, |x| >= 10 short-circuited. With an empty table (EXACT), the
     float32 tanh formula (what transformers computes).
     """
-    n, f = gate.shape
-    c = np.float32(math.sqrt(2.0 / math.pi))
-    lookup = table.shape[0] > 0
-    for t in prange(n):
-        for i in range(f):
-            x = gate[t, i]
-            if lookup:
-                if x <= np.float32(-10.0):
-                    g = np.float32(0.0)
-                elif x >= np.float32(10.0):
-                    g = x
-                else:
-                    g = table[float_to_half(x)]
-            else:
-                g = (
-                    np.float32(0.5)
-                    * x
-                    * (
-                        np.float32(1.0)
-                        + np.float32(math.tanh(c * x * (np.float32(1.0) + np.float32(0.044715) * x * x)))
-                    )
-                )
-            gate[t, i] = g * up[t, i]
+    (geglu_serial if gate.shape[0] <= SERIAL_ROWS else geglu_parallel)(gate, up, table)
 
 
 @njit(cache=True, fastmath=True)

@@ -16,7 +16,7 @@ from ..errors import GGUFError, UnsupportedModelError
 from ..gguf import GGUFFile
 from ..kernels import ops
 from ..kernels.attention import AttentionScratch, attention_batch
-from ..kernels.multivec import RowActs, matmul_rows
+from ..kernels.multivec import RowActs, matmul_rows, matmuls, on_team
 from ..kv_cache import KVCache
 from ..quants import ActScratch, QMatrix
 from ..residency import NO_RESIDENCY, NoResidency
@@ -176,7 +176,7 @@ class Scratch:
         # for quantized products, up to n_seq activation vectors quantized at once
         self.spans = np.zeros((B, 2), np.int32)
         self.spans_swa = np.zeros((B, 2), np.int32)
-        self.acts = RowActs(max(n_seq, 1), max_cols) if activations == "q8" and n_seq > 1 else None
+        self.acts = RowActs(max(n_seq, 1), max_cols) if activations == "q8" else None
         self.logits = np.zeros((logits_rows, hp.n_vocab), np.float32)
         # prompt batches attend through BLAS products (kernels/attention.py); decode keeps ops.attention
         self.attn = AttentionScratch(B, n_ctx, H, Hkv, hp.head_dim_k, hp.head_dim_v) if B >= BATCH_ATTENTION else None
@@ -186,6 +186,13 @@ class Scratch:
         extra = (self.xq.nbytes if self.xq is not None else 0) + (self.acts.nbytes if self.acts is not None else 0)
         extra += self.attn.nbytes if self.attn is not None else 0
         return extra + sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+
+
+def _matmul(w: QMatrix, x: np.ndarray, out: np.ndarray, s: Scratch, rows: bool) -> None:
+    if rows or x.shape[0] == 1:
+        matmul_rows(w, x, out, s.acts, s.xq)  # decode: integer products on the spinning team
+    else:
+        w.matmul(x, out, s.tile, s.xq)  # prompt: dequantized tiles and BLAS
 
 
 class Model:
@@ -218,10 +225,19 @@ class Model:
     @staticmethod
     def matmul(w: QMatrix, x: np.ndarray, out: np.ndarray, s: Scratch, rows: bool) -> None:
         """out = x @ W.T; with ``rows`` (one row per sequence) each row is computed exactly as if alone."""
-        if rows and x.shape[0] > 1:
-            matmul_rows(w, x, out, s.acts, s.xq)
-        else:
-            w.matmul(x, out, s.tile, s.xq)
+        _matmul(w, x, out, s, rows)
+
+    @staticmethod
+    def matmuls(pairs: list[tuple[QMatrix, np.ndarray]], x: np.ndarray, s: Scratch, rows: bool) -> None:
+        """out = x @ W.T for each (W, out) sharing the input ``x`` (Q/K/V, gate/up).
+
+        Decode rows go out as one job per format: one activation quantization, one meeting of the threads.
+        """
+        if (rows or x.shape[0] == 1) and s.acts is not None and all(on_team(w, s.xq) for w, _ in pairs):
+            matmuls(pairs, x, s.acts)
+            return
+        for w, out in pairs:
+            _matmul(w, x, out, s, rows)
 
     def attention(
         self,

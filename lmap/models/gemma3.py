@@ -100,9 +100,9 @@ class Gemma3(Model):
             local = self._swa[i]
             cos, sin = (s.cos2[:n], s.sin2[:n]) if local else (s.cos[:n], s.sin[:n])
             ops.rmsnorm(x, L.attn_norm, hp.rms_eps, xb)
-            mm(L.attn_q, xb, q.reshape(n, -1), s, rows)
-            mm(L.attn_k, xb, k.reshape(n, -1), s, rows)
-            mm(L.attn_v, xb, v.reshape(n, -1), s, rows)
+            self.matmuls(
+                [(L.attn_q, q.reshape(n, -1)), (L.attn_k, k.reshape(n, -1)), (L.attn_v, v.reshape(n, -1))], xb, s, rows
+            )
             ops.rmsnorm_heads(q, L.attn_q_norm, hp.rms_eps)
             ops.rmsnorm_heads(k, L.attn_k_norm, hp.rms_eps)
             ops.rope(q, cos, sin, self.neox_rope)
@@ -113,8 +113,7 @@ class Gemma3(Model):
             ops.add_inplace(x, xb2)
 
             ops.rmsnorm(x, L.ffn_norm, hp.rms_eps, xb)
-            mm(L.ffn_gate, xb, hb, s, rows)
-            mm(L.ffn_up, xb, hb2, s, rows)
+            self.matmuls([(L.ffn_gate, hb), (L.ffn_up, hb2)], xb, s, rows)
             ops.geglu(hb, hb2, ops.GELU_F16_TABLE if s.xq is not None else ops.EXACT)  # xq: llama.cpp arithmetic
             mm(L.ffn_down, hb, xb2, s, rows)
             ops.rmsnorm(xb2, L.post_ffw_norm, hp.rms_eps, xb2)

@@ -65,9 +65,9 @@ class Llama(Model):
         for i, L in enumerate(self.layers):
             self.residency.layer(i)
             ops.rmsnorm(x, L.attn_norm, hp.rms_eps, xb)
-            mm(L.attn_q, xb, q.reshape(n, -1), s, rows)
-            mm(L.attn_k, xb, k.reshape(n, -1), s, rows)
-            mm(L.attn_v, xb, v.reshape(n, -1), s, rows)
+            self.matmuls(
+                [(L.attn_q, q.reshape(n, -1)), (L.attn_k, k.reshape(n, -1)), (L.attn_v, v.reshape(n, -1))], xb, s, rows
+            )
             ops.rope(q, cos, sin, self.neox_rope)
             ops.rope(k, cos, sin, self.neox_rope)
             self.attention(i, s, kv, pos, n, seq=seq, rows=rows)
@@ -75,8 +75,7 @@ class Llama(Model):
             ops.add_inplace(x, xb2)
 
             ops.rmsnorm(x, L.ffn_norm, hp.rms_eps, xb)
-            mm(L.ffn_gate, xb, hb, s, rows)
-            mm(L.ffn_up, xb, hb2, s, rows)
+            self.matmuls([(L.ffn_gate, hb), (L.ffn_up, hb2)], xb, s, rows)
             ops.swiglu(hb, hb2)
             mm(L.ffn_down, hb, xb2, s, rows)
             ops.add_inplace(x, xb2)

@@ -1,0 +1,134 @@
+"""Decode's spinning thread team (lmap/kernels/team.py) against the per-format prange kernels.
+
+The team must give bit-for-bit the products of each format's own ``matvec_q8`` (same row-dot
+intrinsic, same activation quantization), whatever splits the rows into chunks, however many
+matrices share a job and activation rows a call carries, whether the helper threads are awake,
+asleep, or busy with another caller.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from lmap.kernels import team as T
+from lmap.kernels.multivec import RowActs, matmuls
+from lmap.quants import KERNELS, QMatrix
+from lmap.quants.formats import FORMATS_BY_NAME
+from lmap.quants.quantize import quantize_rows
+
+
+class Info:
+    """The few TensorInfo fields QMatrix reads."""
+
+    def __init__(self, name: str, fmt: str, rows: int, cols: int) -> None:
+        self.name = name
+        self.format = FORMATS_BY_NAME[fmt]
+        self.shape = (cols, rows)
+
+
+def matrix(fmt: str, rows: int, cols: int, seed: int) -> QMatrix:
+    rng = np.random.default_rng(seed)
+    raw = quantize_rows(fmt, rng.standard_normal((rows, cols)).astype(np.float32))
+    return QMatrix(Info(f"w{seed}", fmt, rows, cols), raw.reshape(-1))  # type: ignore[arg-type]
+
+
+def reference(w: QMatrix, x: np.ndarray) -> np.ndarray:
+    """Each row of x through the format's own quantization and prange integer kernel."""
+    k = w.k
+    out = np.zeros((x.shape[0], w.rows), np.float32)
+    cols = x.shape[1]
+    for j in range(x.shape[0]):
+        q = np.zeros(cols, np.int8)
+        d = np.zeros(cols // 32, np.float32)
+        s = np.zeros(cols // 32, np.float32)
+        k.quantize(x[j], q, d, s)
+        k.matvec_q8(w.data, q, d, s, out[j])
+    return out
+
+
+@pytest.mark.parametrize("fmt", sorted(T.FORMAT_CODES))
+@pytest.mark.parametrize("n", [1, 3])
+def test_team_products_equal_each_formats_kernel(fmt: str, n: int) -> None:
+    cols = 512
+    # row counts that are not multiples of any chunk, one matrix smaller than a chunk
+    ws = [matrix(fmt, rows, cols, seed) for seed, rows in enumerate((301, 7, 130))]
+    x = np.random.default_rng(9).standard_normal((n, cols)).astype(np.float32)
+    outs = [np.full((n, w.rows), np.nan, np.float32) for w in ws]
+    matmuls(list(zip(ws, outs, strict=True)), x, RowActs(4, 1024))
+    for w, out in zip(ws, outs, strict=True):
+        np.testing.assert_array_equal(out, reference(w, x))
+
+
+def test_mixed_formats_split_into_jobs_and_more_matrices_than_a_job_holds() -> None:
+    cols = 256
+    ws = [matrix(f, 64 + i, cols, i) for i, f in enumerate(["Q4_0", "Q4_K", "Q4_0", "Q8_0", "Q4_0", "Q4_0", "Q4_0"])]
+    x = np.random.default_rng(3).standard_normal((2, cols)).astype(np.float32)
+    outs = [np.zeros((2, w.rows), np.float32) for w in ws]
+    matmuls(list(zip(ws, outs, strict=True)), x, RowActs(2, cols))
+    for w, out in zip(ws, outs, strict=True):
+        np.testing.assert_array_equal(out, reference(w, x))
+
+
+def test_helpers_take_chunks_then_sleep_and_wake() -> None:
+    team = T.Team(2)
+    try:
+        w = matrix("Q4_0", 4096, 1024, 5)
+        x = np.random.default_rng(4).standard_normal((1, 1024)).astype(np.float32)
+        acts = RowActs(1, 1024)
+        out = np.zeros((1, w.rows), np.float32)
+        ref = reference(w, x)
+        for _ in range(200):
+            team.run(T.FORMAT_CODES["Q4_0"], x, acts, [w.data], [out])
+            np.testing.assert_array_equal(out, ref)
+            if team.ctrl[T.HELPED] > 0:
+                break
+        assert team.ctrl[T.HELPED] > 0, "the helper thread never took a chunk"
+        # idle: the helper goes to sleep after its spin limit ...
+        deadline = time.monotonic() + 10
+        while team.ctrl[T.SLEEPERS] == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert team.ctrl[T.SLEEPERS] == 1
+        # ... a job posted meanwhile is done (by the caller alone if need be), and wakes it
+        out[:] = np.nan
+        team.run(T.FORMAT_CODES["Q4_0"], x, acts, [w.data], [out])
+        np.testing.assert_array_equal(out, ref)
+        deadline = time.monotonic() + 10
+        while team.ctrl[T.SLEEPERS] != 0 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert team.ctrl[T.SLEEPERS] == 0, "the sleeping helper was not woken"
+    finally:
+        team.stop()
+    assert not team.threads
+
+
+def test_concurrent_callers_each_get_their_own_products() -> None:
+    """Two threads decoding at once: one holds the team, the other computes alone; both exact."""
+    cols = 512
+    w = matrix("Q8_0", 2048, cols, 11)
+    results: dict[int, list[bool]] = {0: [], 1: []}
+
+    def caller(i: int) -> None:
+        x = np.random.default_rng(100 + i).standard_normal((1, cols)).astype(np.float32)
+        ref = reference(w, x)
+        acts = RowActs(1, cols)
+        out = np.zeros((1, w.rows), np.float32)
+        for _ in range(50):
+            out[:] = np.nan
+            matmuls([(w, out)], x, acts)
+            results[i].append(bool(np.array_equal(out, ref)))
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results[0] == [True] * 50 and results[1] == [True] * 50
+
+
+def test_every_format_has_a_team_code() -> None:
+    """A format with an integer kernel but no team code would silently take the slow float path."""
+    assert {f for f, k in KERNELS.items() if k.matvec_q8 is not None} == set(T.FORMAT_CODES)
