@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from lmap.kernels import team as T
+from lmap.kernels.chunks import CHUNKS
 from lmap.kernels.multivec import RowActs, matmuls
 from lmap.quants import KERNELS, QMatrix
 from lmap.quants.formats import FORMATS_BY_NAME
@@ -50,15 +51,15 @@ def reference(w: QMatrix, x: np.ndarray) -> np.ndarray:
     return out
 
 
-@pytest.mark.parametrize("fmt", sorted(T.FORMAT_CODES))
-@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("fmt", sorted(CHUNKS))
+@pytest.mark.parametrize("n", [1, 3, 7])
 def test_team_products_equal_each_formats_kernel(fmt: str, n: int) -> None:
     cols = 512
     # row counts that are not multiples of any chunk, one matrix smaller than a chunk
     ws = [matrix(fmt, rows, cols, seed) for seed, rows in enumerate((301, 7, 130))]
     x = np.random.default_rng(9).standard_normal((n, cols)).astype(np.float32)
     outs = [np.full((n, w.rows), np.nan, np.float32) for w in ws]
-    matmuls(list(zip(ws, outs, strict=True)), x, RowActs(4, 1024))
+    matmuls(list(zip(ws, outs, strict=True)), x, RowActs(8, 1024))
     for w, out in zip(ws, outs, strict=True):
         np.testing.assert_array_equal(out, reference(w, x))
 
@@ -82,7 +83,7 @@ def test_helpers_take_chunks_then_sleep_and_wake() -> None:
         out = np.zeros((1, w.rows), np.float32)
         ref = reference(w, x)
         for _ in range(200):
-            team.run(T.FORMAT_CODES["Q4_0"], x, acts, [w.data], [out])
+            team.run("Q4_0", x, acts, [w.data], [out])
             np.testing.assert_array_equal(out, ref)
             if team.ctrl[T.HELPED] > 0:
                 break
@@ -94,7 +95,7 @@ def test_helpers_take_chunks_then_sleep_and_wake() -> None:
         assert team.ctrl[T.SLEEPERS] == 1
         # ... a job posted meanwhile is done (by the caller alone if need be), and wakes it
         out[:] = np.nan
-        team.run(T.FORMAT_CODES["Q4_0"], x, acts, [w.data], [out])
+        team.run("Q4_0", x, acts, [w.data], [out])
         np.testing.assert_array_equal(out, ref)
         deadline = time.monotonic() + 10
         while team.ctrl[T.SLEEPERS] != 0 and time.monotonic() < deadline:
@@ -129,6 +130,6 @@ def test_concurrent_callers_each_get_their_own_products() -> None:
     assert results[0] == [True] * 50 and results[1] == [True] * 50
 
 
-def test_every_format_has_a_team_code() -> None:
-    """A format with an integer kernel but no team code would silently take the slow float path."""
-    assert {f for f, k in KERNELS.items() if k.matvec_q8 is not None} == set(T.FORMAT_CODES)
+def test_every_format_has_a_chunk_kernel() -> None:
+    """A format with an integer kernel but no chunk kernel would silently take the slow float path."""
+    assert {f for f, k in KERNELS.items() if k.matvec_q8 is not None} == set(CHUNKS)

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..quants import ActScratch, QMatrix
 from ..threads import decode_threads
-from .team import FORMAT_CODES, MAX_MATS, Team, team
+from .chunks import CHUNKS
+from .team import MAX_MATS, Team, team
 
 
 class RowActs:
@@ -41,7 +42,7 @@ class RowActs:
 _solo = threading.local()  # a helper-less team per thread, for a caller that finds the team busy
 
 
-def _run(fmt: int, x: np.ndarray, acts: RowActs, ws: list, outs: list) -> None:
+def _run(fmt: str, x: np.ndarray, acts: RowActs, ws: list, outs: list) -> None:
     t = team(decode_threads())
     if t.lock.acquire(blocking=False):
         try:
@@ -57,7 +58,7 @@ def _run(fmt: int, x: np.ndarray, acts: RowActs, ws: list, outs: list) -> None:
 
 def on_team(w: QMatrix, act: ActScratch | None) -> bool:
     """Whether products with ``w`` go through the team (quantized weights meeting int8 activations)."""
-    return act is not None and w.k.matvec_q8 is not None and w.format.name in FORMAT_CODES
+    return act is not None and w.k.matvec_q8 is not None and w.format.name in CHUNKS
 
 
 def matmuls(pairs: list[tuple[QMatrix, np.ndarray]], x: np.ndarray, acts: RowActs) -> None:
@@ -65,9 +66,9 @@ def matmuls(pairs: list[tuple[QMatrix, np.ndarray]], x: np.ndarray, acts: RowAct
 
     Matrices of one format go out together (one activation quantization, one job).
     """
-    by_fmt: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+    by_fmt: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
     for w, out in pairs:
-        ws, outs = by_fmt.setdefault(FORMAT_CODES[w.format.name], ([], []))
+        ws, outs = by_fmt.setdefault(w.format.name, ([], []))
         ws.append(w.data)
         outs.append(out)
     for fmt, (ws, outs) in by_fmt.items():

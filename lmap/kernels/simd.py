@@ -43,11 +43,62 @@ def _half(builder: ir.IRBuilder, addr: ir.Value) -> ir.Value:
     return builder.fpext(builder.bitcast(_load(builder, addr, _i16), ir.HalfType()), _f32)
 
 
+def _half_pair(builder: ir.IRBuilder, addr: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """float32 of the two adjacent IEEE halves at addr (a scale and a min).
+
+    Both lanes are used, so LLVM keeps the 4-byte ``vmovd`` load (which clears the rest of
+    the register) and one ``vcvtph2ps``: no false dependency, unlike a single half.
+    """
+    v = builder.fpext(_load(builder, addr, _vec(ir.HalfType(), 2)), _vec(_f32, 2))
+    return builder.extract_element(v, ir.Constant(_i32, 0)), builder.extract_element(v, ir.Constant(_i32, 1))
+
+
+def _scale_and_offset(builder: ir.IRBuilder, wb: ir.Value, xd: ir.Value, xs: ir.Value, b: ir.Value):  # type: ignore[no-untyped-def]
+    """(splat of d_w * d_x, m_w * s_x) of block b for a weight block at wb that starts with f16 (d, m).
+
+    One conversion and one multiply of the two pairs instead of two of each (Q4_1 / Q5_1 x Q8_1).
+    """
+    dm = builder.fpext(_load(builder, wb, _vec(ir.HalfType(), 2)), _vec(_f32, 2))
+    off = builder.mul(b, ir.Constant(_i64, 4))
+    xds = ir.Constant(_vec(_f32, 2), None)
+    xds = builder.insert_element(xds, _load(builder, builder.add(xd, off), _f32, 4), ir.Constant(_i32, 0))
+    xds = builder.insert_element(xds, _load(builder, builder.add(xs, off), _f32, 4), ir.Constant(_i32, 1))
+    p = builder.fmul(dm, xds)
+    return _splat(builder, builder.extract_element(p, ir.Constant(_i32, 0)), 8), builder.extract_element(
+        p, ir.Constant(_i32, 1)
+    )
+
+
 def _has_avx2() -> bool:
     try:
         return bool(llvm.get_host_cpu_features().get("avx2", False))
     except RuntimeError:
         return False
+
+
+def _has_fma() -> bool:
+    try:
+        return bool(llvm.get_host_cpu_features().get("fma", False))
+    except RuntimeError:
+        return False
+
+
+FMA = _has_fma()
+
+
+def _fmadd(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
+    """a * b + c, fused where the CPU has FMA.
+
+    An explicit intrinsic, not a ``contract`` flag: with the flag LLVM fuses or not depending on
+    the code around, and the same row dot inlined into two kernels (one token, a batch of
+    sequences) then rounds differently; a sequence must get the same logits in both.
+    """
+    if not FMA:
+        return builder.fadd(builder.fmul(a, b), c)
+    mod = builder.module
+    name = f"llvm.fma.v{a.type.count}f32" if isinstance(a.type, ir.VectorType) else "llvm.fma.f32"
+    fn = mod.globals.get(name) or ir.Function(mod, ir.FunctionType(a.type, [a.type] * 3), name)
+    return builder.call(fn, [a, b, c])
 
 
 # AVX2's vpmaddubsw + vpmaddwd do a block in two instructions, as in llama.cpp; the portable
@@ -94,10 +145,14 @@ def _block_dot(builder: ir.IRBuilder, q: ir.Value, x: ir.Value, signed_q: bool) 
 
 
 def _hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
-    total = builder.extract_element(v, ir.Constant(_i32, 0))
-    for i in range(1, 8):
-        total = builder.fadd(total, builder.extract_element(v, ir.Constant(_i32, i)))
-    return total
+    """Sum of the 8 lanes as a tree (halves, quarters, pair): 3 dependent adds instead of 7."""
+    n = v.type.count
+    while n > 1:
+        n //= 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, n), list(range(n))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(_vec(_i32, n), list(range(n, 2 * n))))
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, ir.Constant(_i32, 0))
 
 
 def _row_loop(context, builder, nb, body):  # type: ignore[no-untyped-def]
@@ -145,19 +200,14 @@ def row_dot_q4_1_q8_1(typingctx, w_addr, x_addr, xd_addr, xs_addr, nb):  # type:
 
         def body(b, acc, acc1):  # type: ignore[no-untyped-def]
             wb = builder.add(w, builder.mul(b, ir.Constant(_i64, 20)))
-            d = _half(builder, wb)
-            m = _half(builder, builder.add(wb, ir.Constant(_i64, 2)))
             packed = _load(builder, builder.add(wb, ir.Constant(_i64, 4)), _vec(_i8, 16))
             lo = builder.and_(packed, ir.Constant(_vec(_i8, 16), [15] * 16))
             hi = builder.lshr(packed, ir.Constant(_vec(_i8, 16), [4] * 16))
             q = builder.shuffle_vector(lo, hi, ir.Constant(_vec(_i32, 32), list(range(32))))
             xv = _load(builder, builder.add(x, builder.mul(b, ir.Constant(_i64, 32))), _vec(_i8, 32))
-            xdb = _load(builder, builder.add(xd, builder.mul(b, ir.Constant(_i64, 4))), _f32, 4)
-            xsb = _load(builder, builder.add(xs, builder.mul(b, ir.Constant(_i64, 4))), _f32, 4)
-            scale = _splat(builder, builder.fmul(d, xdb), 8)
-            acc = builder.fadd(acc, builder.fmul(_block_dot(builder, q, xv, signed_q=False), scale))
-            acc1 = builder.fadd(acc1, builder.fmul(m, xsb))
-            return acc, acc1
+            scale, offset = _scale_and_offset(builder, wb, xd, xs, b)
+            acc = _fmadd(builder, _block_dot(builder, q, xv, signed_q=False), scale, acc)
+            return acc, builder.fadd(acc1, offset)
 
         return _row_loop(context, builder, nb_, body)
 
@@ -179,7 +229,7 @@ def row_dot_q8_0_q8_0(typingctx, w_addr, x_addr, xd_addr, nb):  # type: ignore[n
             xv = _load(builder, builder.add(x, builder.mul(b, ir.Constant(_i64, 32))), _vec(_i8, 32))
             xdb = _load(builder, builder.add(xd, builder.mul(b, ir.Constant(_i64, 4))), _f32, 4)
             scale = _splat(builder, builder.fmul(d, xdb), 8)
-            acc = builder.fadd(acc, builder.fmul(_block_dot(builder, q, xv, signed_q=True), scale))
+            acc = _fmadd(builder, _block_dot(builder, q, xv, signed_q=True), scale, acc)
             return acc, acc1
 
         return _row_loop(context, builder, nb_, body)
@@ -206,7 +256,7 @@ def row_dot_q4_0_q8_0(typingctx, w_addr, x_addr, xd_addr, nb):  # type: ignore[n
             xv = _load(builder, builder.add(x, builder.mul(b, ir.Constant(_i64, 32))), _vec(_i8, 32))
             xdb = _load(builder, builder.add(xd, builder.mul(b, ir.Constant(_i64, 4))), _f32, 4)
             scale = _splat(builder, builder.fmul(d, xdb), 8)
-            acc = builder.fadd(acc, builder.fmul(_block_dot(builder, q, xv, signed_q=True), scale))
+            acc = _fmadd(builder, _block_dot(builder, q, xv, signed_q=True), scale, acc)
             return acc, acc1
 
         return _row_loop(context, builder, nb_, body)

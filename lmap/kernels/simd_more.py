@@ -27,7 +27,23 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from .simd import AVX2, _block_dot, _f32, _hsum, _i8, _i16, _i32, _i64, _load, _row_loop, _splat, _vec
+from .simd import (
+    AVX2,
+    _block_dot,
+    _f32,
+    _fmadd,
+    _half_pair,
+    _hsum,
+    _i8,
+    _i16,
+    _i32,
+    _i64,
+    _load,
+    _row_loop,
+    _scale_and_offset,
+    _splat,
+    _vec,
+)
 
 
 def _half(builder: ir.IRBuilder, addr: ir.Value) -> ir.Value:
@@ -52,16 +68,6 @@ def _half(builder: ir.IRBuilder, addr: ir.Value) -> ir.Value:
     out = builder.select(builder.icmp_unsigned("==", exp, c(0)), sub, out)
     sign = builder.shl(builder.and_(h, c(0x8000)), c(16))
     return builder.bitcast(builder.or_(out, sign), _f32)
-
-
-def _half_pair(builder: ir.IRBuilder, addr: ir.Value) -> tuple[ir.Value, ir.Value]:
-    """float32 of the two adjacent IEEE halves at addr (a scale and a min).
-
-    Both lanes are used, so LLVM keeps the 4-byte ``vmovd`` load (which clears the rest of
-    the register) and one ``vcvtph2ps``: no false dependency, unlike a single half.
-    """
-    v = builder.fpext(_load(builder, addr, _vec(ir.HalfType(), 2)), _vec(_f32, 2))
-    return builder.extract_element(v, ir.Constant(_i32, 0)), builder.extract_element(v, ir.Constant(_i32, 1))
 
 
 _BIT_LANE = ir.Constant(_vec(_i32, 32), [k // 8 for k in range(32)])
@@ -98,7 +104,7 @@ def row_dot_q5_0_q8_0(typingctx, w_addr, x_addr, xd_addr, nb):  # type: ignore[n
             xv = _load(builder, builder.add(x, builder.mul(b, ir.Constant(_i64, 32))), _vec(_i8, 32))
             xdb = _load(builder, builder.add(xd, builder.mul(b, ir.Constant(_i64, 4))), _f32, 4)
             scale = _splat(builder, builder.fmul(d, xdb), 8)
-            acc = builder.fadd(acc, builder.fmul(_block_dot(builder, q, xv, signed_q=True), scale))
+            acc = _fmadd(builder, _block_dot(builder, q, xv, signed_q=True), scale, acc)
             return acc, acc1
 
         return _row_loop(context, builder, nb_, body)
@@ -119,15 +125,11 @@ def row_dot_q5_1_q8_1(typingctx, w_addr, x_addr, xd_addr, xs_addr, nb):  # type:
 
         def body(b, acc, acc1):  # type: ignore[no-untyped-def]
             wb = builder.add(w, builder.mul(b, ir.Constant(_i64, 24)))
-            d, m = _half_pair(builder, wb)
             q = _q5_bytes(builder, builder.add(wb, ir.Constant(_i64, 4)), builder.add(wb, ir.Constant(_i64, 8)), 16, 0)
             xv = _load(builder, builder.add(x, builder.mul(b, ir.Constant(_i64, 32))), _vec(_i8, 32))
-            xdb = _load(builder, builder.add(xd, builder.mul(b, ir.Constant(_i64, 4))), _f32, 4)
-            xsb = _load(builder, builder.add(xs, builder.mul(b, ir.Constant(_i64, 4))), _f32, 4)
-            scale = _splat(builder, builder.fmul(d, xdb), 8)
-            acc = builder.fadd(acc, builder.fmul(_block_dot(builder, q, xv, signed_q=False), scale))
-            acc1 = builder.fadd(acc1, builder.fmul(m, xsb))
-            return acc, acc1
+            scale, offset = _scale_and_offset(builder, wb, xd, xs, b)
+            acc = _fmadd(builder, _block_dot(builder, q, xv, signed_q=False), scale, acc)
+            return acc, builder.fadd(acc1, offset)
 
         return _row_loop(context, builder, nb_, body)
 
@@ -322,7 +324,7 @@ def row_dot_iq4_nl_q8_0(typingctx, w_addr, x_addr, xd_addr, nb):  # type: ignore
             xv = _load(builder, builder.add(x, builder.mul(b, _c64(32))), _vec(_i8, 32))
             xdb = _load(builder, builder.add(xd, builder.mul(b, _c64(4))), _f32, 4)
             scale = _splat(builder, builder.fmul(d, xdb), 8)
-            acc = builder.fadd(acc, builder.fmul(_block_dot(builder, q, xv, signed_q=True), scale))
+            acc = _fmadd(builder, _block_dot(builder, q, xv, signed_q=True), scale, acc)
             return acc, acc1
 
         return _row_loop(context, builder, nb_, body)
@@ -405,14 +407,10 @@ def _q8k_super_block(
         if sb.mins is not None:
             m16 = _lanes(builder, builder.sext(sb.mins, _vec(_i16, n)), pick)
             msum = builder.add(msum, _block_dot_i32(builder, _bconst(1), xv, False, m16))
-    out = builder.fadd(
-        acc[0],
-        builder.fmul(builder.sitofp(isum, _v8f), _splat(builder, builder.fmul(sb.d, xd), 8), flags=_CONTRACT),
-        flags=_CONTRACT,
-    )
+    out = _fmadd(builder, builder.sitofp(isum, _v8f), _splat(builder, builder.fmul(sb.d, xd), 8), acc[0])
     if sb.mins is not None:
-        mf = builder.fmul(builder.sitofp(msum, _v8f), _splat(builder, builder.fmul(sb.dmin, xd), 8), flags=_CONTRACT)
-        out = builder.fsub(out, mf, flags=_CONTRACT)
+        neg = builder.fneg(builder.sitofp(msum, _v8f))
+        out = _fmadd(builder, neg, _splat(builder, builder.fmul(sb.dmin, xd), 8), out)
     return [out]
 
 

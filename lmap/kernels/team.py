@@ -33,19 +33,7 @@ from numba import njit, types
 from numba.extending import intrinsic
 
 from ..quants.q8_k import quantize_q8_k
-from . import ops
-from .simd import row_dot_q4_0_q8_0, row_dot_q4_1_q8_1, row_dot_q8_0_q8_0
-from .simd_more import (
-    row_dot_iq4_nl_q8_0,
-    row_dot_iq4_xs_q8_k,
-    row_dot_q2_k_q8_k,
-    row_dot_q3_k_q8_k,
-    row_dot_q4_k_q8_k,
-    row_dot_q5_0_q8_0,
-    row_dot_q5_1_q8_1,
-    row_dot_q5_k_q8_k,
-    row_dot_q6_k_q8_k,
-)
+from . import chunks, ops
 
 _i64 = ir.IntType(64)
 _f32 = ir.FloatType()
@@ -122,70 +110,27 @@ def store_f32(typingctx, addr, value):  # type: ignore[no-untyped-def]
 
 
 # -- the job ----------------------------------------------------------------------------
-# Format codes: a job names its row-dot by number (compiled code cannot hold a table of intrinsics).
-FORMAT_CODES = {
-    "Q8_0": 0,
-    "Q4_0": 1,
-    "Q4_1": 2,
-    "Q5_0": 3,
-    "Q5_1": 4,
-    "IQ4_NL": 5,
-    "Q2_K": 6,
-    "Q3_K": 7,
-    "Q4_K": 8,
-    "Q5_K": 9,
-    "Q6_K": 10,
-    "IQ4_XS": 11,
-}
-FIRST_K = 6  # codes from here on pair with Q8_K activations (super-blocks of 256)
 MAX_MATS = 4
 
 # ctrl: int64 words, each on its own 64-byte line so the threads do not false-share
 WORD, DONE, SLEEPERS, STOP, HELPED = 0, 8, 16, 24, 32  # HELPED: chunks the helpers computed, ever
 CTRL_WORDS = 40
 # job: int64 fields
-FMT, NB, NCHUNKS, CHUNK_ROWS, NSEQ, X, XD, XS, XSTRIDE, DSTRIDE, NMAT = range(11)
+KERNEL, NB, NCHUNKS, CHUNK_ROWS, NSEQ, X, XD, XS, XSTRIDE, DSTRIDE, NMAT = range(11)
 MAT0, MAT_FIELDS = 16, 8  # per matrix: w address, row stride, rows, out address, out row stride, first chunk
 JOB_WORDS = MAT0 + MAT_FIELDS * MAX_MATS
 
 
-def _rows_kernel(dot, with_sums: bool):  # type: ignore[no-untyped-def]
-    """Rows [r0, r1) of one matrix times n activation rows, for one format's row-dot intrinsic.
+@intrinsic
+def _call_chunk(typingctx, fn, w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost):  # type: ignore[no-untyped-def]
+    """Call the chunk kernel at address ``fn`` (a cfunc of chunks.py: void(int64 x 13))."""
 
-    One loop per format (the format chosen once per chunk, outside the loop): a format switch
-    inside the row loop made LLVM compile the row dots 2.3x slower.
-    """
-    if with_sums:  # Q4_1 / Q5_1 meet Q8_1 activations, which carry d * sum(q) per block
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        fnty = ir.FunctionType(ir.VoidType(), [_i64] * 13)
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), args[1:])
+        return context.get_dummy_value()
 
-        @njit(inline="always")
-        def rows_s(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost):  # type: ignore[no-untyped-def]
-            for r in range(r0, r1):  # a weight row stays in L1 while the n activation rows pass over it
-                for j in range(n):
-                    store_f32(out + j * ost + 4 * r, dot(w + r * ws, x + j * xst, xd + j * dst, xs + j * dst, nb))
-
-        return rows_s
-
-    @njit(inline="always")
-    def rows(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost):  # type: ignore[no-untyped-def]
-        for r in range(r0, r1):
-            for j in range(n):
-                store_f32(out + j * ost + 4 * r, dot(w + r * ws, x + j * xst, xd + j * dst, nb))
-
-    return rows
-
-
-_q8_0 = _rows_kernel(row_dot_q8_0_q8_0, False)
-_q4_0 = _rows_kernel(row_dot_q4_0_q8_0, False)
-_q4_1 = _rows_kernel(row_dot_q4_1_q8_1, True)
-_q5_0 = _rows_kernel(row_dot_q5_0_q8_0, False)
-_q5_1 = _rows_kernel(row_dot_q5_1_q8_1, True)
-_iq4_nl = _rows_kernel(row_dot_iq4_nl_q8_0, False)
-_q2_k = _rows_kernel(row_dot_q2_k_q8_k, False)
-_q3_k = _rows_kernel(row_dot_q3_k_q8_k, False)
-_q4_k = _rows_kernel(row_dot_q4_k_q8_k, False)
-_q5_k = _rows_kernel(row_dot_q5_k_q8_k, False)
-_q6_k = _rows_kernel(row_dot_q6_k_q8_k, False)
-_iq4_xs = _rows_kernel(row_dot_iq4_xs_q8_k, False)
+    return types.void(*([types.int64] * 14)), codegen
 
 
 @njit(cache=True)
@@ -199,31 +144,7 @@ def _chunk(job, c):  # type: ignore[no-untyped-def]
     r0 = (c - c0) * job[CHUNK_ROWS]
     r1 = min(r0 + job[CHUNK_ROWS], rows)
     x, xd, xs, xst, dst, n, nb = job[X], job[XD], job[XS], job[XSTRIDE], job[DSTRIDE], job[NSEQ], job[NB]
-    fmt = job[FMT]
-    if fmt == 0:
-        _q8_0(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
-    elif fmt == 1:
-        _q4_0(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
-    elif fmt == 2:
-        _q4_1(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
-    elif fmt == 3:
-        _q5_0(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
-    elif fmt == 4:
-        _q5_1(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
-    elif fmt == 5:
-        _iq4_nl(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
-    elif fmt == 6:
-        _q2_k(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
-    elif fmt == 7:
-        _q3_k(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
-    elif fmt == 8:
-        _q4_k(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
-    elif fmt == 9:
-        _q5_k(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
-    elif fmt == 10:
-        _q6_k(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
-    else:
-        _iq4_xs(w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
+    _call_chunk(job[KERNEL], w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, ost)
 
 
 @njit(cache=True)
@@ -277,8 +198,10 @@ def _spin(ctrl, n):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _run(ctrl, job, fmt, x, xq, xd, xs, w0, o0, w1, o1, w2, o2, w3, o3, nmat, n_threads):  # type: ignore[no-untyped-def]
-    """Quantize x [n, k] for ``fmt``, publish the job for ``nmat`` matrices and work on it until done.
+def _run(ctrl, job, kernel, q8_k, x, xq, xd, xs, w0, o0, w1, o1, w2, o2, w3, o3, nmat, n_threads):  # type: ignore[no-untyped-def]
+    """Quantize x [n, k] (to Q8_K if ``q8_k``, else Q8_0/Q8_1), publish the job and work on it until done.
+
+    ``kernel``: address of the format's chunk kernel (chunks.py).
 
     w0..w3: weight views [rows, bytes]; o0..o3: outputs [n, rows]; the first ``nmat`` are used.
     (Separate arguments, not tuples: Numba types a tuple of arrays in Python, ~1 µs per array.)
@@ -286,7 +209,7 @@ def _run(ctrl, job, fmt, x, xq, xd, xs, w0, o0, w1, o1, w2, o2, w3, o3, nmat, n_
     ws = (w0, w1, w2, w3)
     outs = (o0, o1, o2, o3)
     n, k = x.shape
-    if fmt >= FIRST_K:
+    if q8_k:
         for j in range(n):
             quantize_q8_k(x[j], xq[j, :k], xd[j], xs[j])
         nb = k // 256
@@ -311,7 +234,7 @@ def _run(ctrl, job, fmt, x, xq, xd, xs, w0, o0, w1, o1, w2, o2, w3, o3, nmat, n_
         job[f + 4] = out.strides[0]
         job[f + 5] = c0
         c0 += (w.shape[0] + chunk - 1) // chunk
-    job[FMT] = fmt
+    job[KERNEL] = kernel
     job[NB] = nb
     job[NCHUNKS] = c0
     job[CHUNK_ROWS] = chunk
@@ -366,18 +289,19 @@ class Team:
             ev.clear()
             atomic_add_py(self.ctrl, SLEEPERS, -1)
 
-    def run(self, fmt: int, x: np.ndarray, acts: object, ws: list, outs: list) -> None:
-        """outs[m][j] = ws[m] @ x[j] (all of format code ``fmt``, at most MAX_MATS); acts: RowActs scratch."""
+    def run(self, fmt: str, x: np.ndarray, acts: object, ws: list, outs: list) -> None:
+        """outs[m][j] = ws[m] @ x[j] for all weights of format ``fmt`` (at most MAX_MATS); acts: RowActs."""
         if self.ctrl[SLEEPERS] > 0:
             for ev in self.wake:
                 ev.set()
+        kernel, q8_k = chunks.address(fmt), chunks.CHUNKS[fmt][1]
         n = len(ws)
         w0, o0 = ws[0], outs[0]
         w1, o1 = (ws[1], outs[1]) if n > 1 else (w0, o0)
         w2, o2 = (ws[2], outs[2]) if n > 2 else (w0, o0)
         w3, o3 = (ws[3], outs[3]) if n > 3 else (w0, o0)
         q, d, s = acts.q, acts.d, acts.s  # type: ignore[attr-defined]
-        _run(self.ctrl, self.job, fmt, x, q, d, s, w0, o0, w1, o1, w2, o2, w3, o3, n, self.n_threads)
+        _run(self.ctrl, self.job, kernel, q8_k, x, q, d, s, w0, o0, w1, o1, w2, o2, w3, o3, n, self.n_threads)
 
     def stop(self) -> None:
         self.ctrl[STOP] = 1
