@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .kv_cache import row_bytes
-from .models.base import BATCH_ATTENTION, HParams, Scratch
+from .models.base import BATCH_ATTENTION, TEAM_ROWS, HParams, Scratch
 
 MiB = 1 << 20
 
@@ -187,7 +187,8 @@ def scratch_buffers(
     nb32 = max(max_cols // 32, 1)
     if activations == "q8":
         out.append(Buffer("scratch", "quantized activations", B * max_cols * f4 + max_cols + 2 * nb32 * f4))
-        out.append(Buffer("scratch", "decode activations (int8)", max(n_seq, 1) * (max_cols + 2 * nb32 * f4)))
+        rows = max(n_seq, min(B, TEAM_ROWS))
+        out.append(Buffer("scratch", "decode activations (int8)", rows * (max_cols + 2 * nb32 * f4)))
     if B >= BATCH_ATTENTION:
         from .kernels.attention import SCORES_BYTES
 

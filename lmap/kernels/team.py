@@ -294,13 +294,15 @@ class Team:
         if self.ctrl[SLEEPERS] > 0:
             for ev in self.wake:
                 ev.set()
+        q, d, s = acts.q, acts.d, acts.s  # type: ignore[attr-defined]
+        if x.shape[0] > q.shape[0] or x.shape[1] > q.shape[1]:  # compiled code does not check bounds
+            raise ValueError(f"activations {x.shape} exceed the quantized scratch {q.shape}")
         kernel, q8_k = chunks.address(fmt), chunks.CHUNKS[fmt][1]
         n = len(ws)
         w0, o0 = ws[0], outs[0]
         w1, o1 = (ws[1], outs[1]) if n > 1 else (w0, o0)
         w2, o2 = (ws[2], outs[2]) if n > 2 else (w0, o0)
         w3, o3 = (ws[3], outs[3]) if n > 3 else (w0, o0)
-        q, d, s = acts.q, acts.d, acts.s  # type: ignore[attr-defined]
         _run(self.ctrl, self.job, kernel, q8_k, x, q, d, s, w0, o0, w1, o1, w2, o2, w3, o3, n, self.n_threads)
 
     def stop(self) -> None:
