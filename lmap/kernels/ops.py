@@ -34,6 +34,7 @@ def _f32_impl(x):  # type: ignore[no-untyped-def]
 # team (team.py). Each row-wise kernel is therefore an inline row body with a serial and a
 # parallel loop around it, and a dispatcher that picks by the number of rows.
 SERIAL_ROWS = 8
+SPANS_SERIAL_ROWS = 8
 
 
 @njit(cache=True, fastmath=True, inline="always")
@@ -396,7 +397,7 @@ def attention(
 
 
 @njit(cache=True, fastmath=True, parallel=True)
-def attention_spans(
+def attention_spans_parallel(
     q: np.ndarray,  # [n, H, hd] float32: one query row per sequence
     k: np.ndarray,  # [C, Hkv, hd] cache shared by the sequences
     v: np.ndarray,  # [C, Hkv, hd]
@@ -436,6 +437,64 @@ def attention_spans(
             scores[numba.get_thread_id()],
             out,
         )
+
+
+@njit(cache=True, fastmath=True)
+def attention_spans_serial(
+    q: np.ndarray,  # [n, H, hd] float32: one query row per sequence
+    k: np.ndarray,  # [C, Hkv, hd] cache shared by the sequences
+    v: np.ndarray,  # [C, Hkv, hd]
+    pos: np.ndarray,  # [n] int32: position of each query
+    cell_pos: np.ndarray,  # [C] int32: position held by each cell, -1 if empty
+    spans: np.ndarray,  # [n, 2] int32: query t sees cells [spans[t, 0], spans[t, 1]) (its sequence's)
+    scale: float,
+    window: int,
+    softcap: float,
+    scores: np.ndarray,  # [n_threads, >= longest span] scratch
+    out: np.ndarray,  # [n, H, hd]
+) -> None:
+    """:func:`attention_spans_parallel` in one thread."""
+    n, nh, hd = q.shape
+    group = nh // k.shape[1]
+    sc = np.float32(scale)
+    for th in range(n * nh):
+        t = th // nh
+        h = th % nh
+        _attend(
+            q,
+            k,
+            v,
+            cell_pos,
+            t,
+            h,
+            h // group,
+            pos[t],
+            spans[t, 0],
+            spans[t, 1],
+            sc,
+            window,
+            softcap,
+            scores[0],
+            out,
+        )
+
+
+def attention_spans(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    pos: np.ndarray,
+    cell_pos: np.ndarray,
+    spans: np.ndarray,
+    scale: float,
+    window: int,
+    softcap: float,
+    scores: np.ndarray,
+    out: np.ndarray,
+) -> None:
+    """Attention of one query row per sequence over its own cells (see attention_spans_parallel)."""
+    kernel = attention_spans_serial if q.shape[0] <= SPANS_SERIAL_ROWS else attention_spans_parallel
+    kernel(q, k, v, pos, cell_pos, spans, scale, window, softcap, scores, out)
 
 
 @njit(cache=True, fastmath=True, inline="always")
