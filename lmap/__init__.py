@@ -15,8 +15,11 @@ from .errors import (
     ModelNotFoundError,
     UnsupportedModelError,
 )
+from .numba_cache import use_source_keyed_cache
 
 __version__ = "0.1.0"
+
+use_source_keyed_cache()
 
 __all__ = [
     "Llama",

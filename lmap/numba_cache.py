@@ -1,0 +1,63 @@
+"""Numba's on-disk cache, keyed by the source of every module that holds compiled code.
+
+Numba invalidates a cached kernel only when *its own* file changes (mtime and size). lmap's
+kernels are built from LLVM intrinsics defined in other modules (``simd.py`` feeds
+``simd_multi.py`` feeds ``chunks.py``), so editing an intrinsic left the kernels that inline it
+loading stale machine code: wrong numbers or a crash, with nothing to say why. Pointing
+``NUMBA_CACHE_DIR`` at a folder named by a hash of all those sources makes any edit start a fresh
+cache, and an unchanged install keep its warm one. A user's own ``NUMBA_CACHE_DIR`` wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from pathlib import Path
+
+KEEP = 3  # source versions whose caches are kept (a few checkouts or venvs side by side)
+
+
+def sources_digest(package: Path) -> str:
+    """A short hash of every ``.py`` file under ``package`` that uses Numba, in path order."""
+    h = hashlib.blake2b(digest_size=8)
+    for path in sorted(package.rglob("*.py")):
+        data = path.read_bytes()
+        if b"numba" in data:
+            h.update(str(path.relative_to(package)).encode())
+            h.update(data)
+    return h.hexdigest()
+
+
+def _prune(root: Path, keep: Path) -> None:
+    """Delete all but the KEEP most recently used version folders under ``root``."""
+    try:
+        folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return
+    for old in [p for p in folders if p != keep][KEEP - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def use_source_keyed_cache() -> None:
+    """Set Numba's cache folder to ``<lmap cache>/numba/<sources hash>`` unless the user chose one."""
+    if os.environ.get("NUMBA_CACHE_DIR"):
+        return
+    from .registry import cache_dir
+
+    root = cache_dir() / "numba"
+    folder = root / sources_digest(Path(__file__).parent)
+    try:
+        new = not folder.exists()
+        folder.mkdir(parents=True, exist_ok=True)
+        os.utime(folder)  # most recently used, for pruning
+    except OSError:
+        return  # an unwritable cache folder: Numba falls back to its own locations
+    if new:
+        _prune(root, folder)
+    os.environ["NUMBA_CACHE_DIR"] = str(folder)
+    if "numba" in sys.modules:  # imported before lmap: its config has already read the environment
+        import numba
+
+        numba.config.CACHE_DIR = str(folder)

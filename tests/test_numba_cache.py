@@ -1,0 +1,56 @@
+"""Numba's cache folder follows the source of every module with compiled code (lmap/numba_cache.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lmap.numba_cache import KEEP, _prune, sources_digest
+
+
+def _package(root: Path) -> Path:
+    pkg = root / "pkg"
+    (pkg / "kernels").mkdir(parents=True)
+    (pkg / "kernels" / "simd.py").write_text("import numba\nA = 1\n")
+    (pkg / "kernels" / "chunks.py").write_text("from numba import cfunc\n")
+    (pkg / "cli.py").write_text("print('no compiled code here')\n")
+    return pkg
+
+
+def test_digest_changes_with_an_intrinsic_module_not_with_plain_python(tmp_path: Path) -> None:
+    pkg = _package(tmp_path)
+    before = sources_digest(pkg)
+    (pkg / "cli.py").write_text("print('edited')\n")
+    assert sources_digest(pkg) == before  # editing the CLI keeps the warm kernel cache
+    (pkg / "kernels" / "simd.py").write_text("import numba\nA = 2\n")
+    assert sources_digest(pkg) != before  # an edited intrinsic invalidates every kernel built on it
+
+
+def test_prune_keeps_the_most_recent_versions(tmp_path: Path) -> None:
+    folders = []
+    for i in range(KEEP + 2):
+        f = tmp_path / f"v{i}"
+        f.mkdir()
+        os.utime(f, (1_000_000 + i, 1_000_000 + i))
+        folders.append(f)
+    _prune(tmp_path, folders[0])  # the one in use survives even though it is the oldest
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["v0"] + [f"v{i}" for i in range(KEEP + 2 - (KEEP - 1), KEEP + 2)])
+
+
+def _cache_dir_in_child(env: dict[str, str]) -> str:
+    code = "import lmap, os, numba; print(os.environ['NUMBA_CACHE_DIR'], numba.config.CACHE_DIR)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_import_points_numba_at_a_source_keyed_folder(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env["LMAP_CACHE_DIR"] = str(tmp_path)
+    digest = sources_digest(Path(__import__("lmap").__file__).parent)
+    want = str(tmp_path / "numba" / digest)
+    assert _cache_dir_in_child(env) == f"{want} {want}"
+    env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")  # the user's choice wins
+    assert _cache_dir_in_child(env) == f"{tmp_path / 'mine'} {tmp_path / 'mine'}"
