@@ -17,6 +17,10 @@
 #   LMAP_LLAMA_TARGETS   cmake targets (default: llama-bench llama-tokenize
 #                        llama-perplexity llama-completion llama-simple)
 #   JOBS                 parallel jobs (default nproc)
+#   LMAP_LLAMA_AMX       1 keeps ggml's AMX kernels where -march=native enables them
+#                        (default 0: on the Sapphire Rapids VMs used here ggml's AMX
+#                        prompt path dies with SIGILL in tileloadd, although a plain
+#                        AMX program runs; without AMX ggml uses its AVX-512/VNNI kernels)
 #
 # Result:
 #   $LMAP_LLAMA_CPP_DIR/build/bin/{llama-bench,llama-tokenize,...,libllama.so}
@@ -37,6 +41,12 @@ DIR="${LMAP_LLAMA_CPP_DIR:-$HOME/.cache/lmap/llama.cpp-$VERSION}"
 SDIST="${LMAP_LLAMA_SDIST:-/work/cache/dl/llama_cpp_python-$VERSION.tar.gz}"
 VENV="${LMAP_LLAMA_VENV:-$DIR/venv}"
 TARGETS="${LMAP_LLAMA_TARGETS:-llama-bench llama-tokenize llama-perplexity llama-completion llama-simple}"
+AMX="${LMAP_LLAMA_AMX:-0}"
+ISA_FLAGS=""
+if [[ "$AMX" != 1 ]]; then
+  # GCC's explicit -mno-* flags win over -march=native whatever their order on the command line.
+  ISA_FLAGS="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+fi
 JOBS="${JOBS:-$(nproc)}"
 SRC="$DIR/llama_cpp_python-$VERSION"
 BUILD="$DIR/build"
@@ -62,7 +72,7 @@ fi
 
 # 2. llama.cpp binaries + shared libs ----------------------------------------
 stamp="$DIR/.built"
-want="targets=$TARGETS"
+want="targets=$TARGETS amx=$AMX"
 built_ok=1
 [[ -f "$stamp" && "$(cat "$stamp")" == "$want" ]] || built_ok=0
 for t in $TARGETS; do [[ -x "$BUILD/bin/$t" ]] || built_ok=0; done
@@ -74,6 +84,8 @@ else
   cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" \
     -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$ISA_FLAGS" \
+    -DCMAKE_CXX_FLAGS="$ISA_FLAGS" \
     -DLLAMA_CURL=OFF \
     -DLLAMA_OPENSSL=OFF \
     -DBUILD_SHARED_LIBS=ON \
