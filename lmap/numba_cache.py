@@ -47,7 +47,10 @@ def use_source_keyed_cache() -> None:
     from .registry import cache_dir
 
     root = cache_dir() / "numba"
-    folder = root / sources_digest(Path(__file__).parent)
+    name = sources_digest(Path(__file__).parent)
+    # LMAP_SIMD picks the intrinsics' instruction set at import: its kernels must not share a cache
+    simd = "".join(c for c in os.environ.get("LMAP_SIMD", "").lower() if c.isalnum())
+    folder = root / (f"{name}-{simd}" if simd and simd != "auto" else name)
     try:
         new = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)

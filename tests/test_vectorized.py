@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from lmap.kernels import ops
+from lmap.kernels.simd import VNNI
 from lmap.quants import KERNELS
 
 PACKED = re.compile(r"\b(vfmadd\d{3}ps|vmulps|vaddps)\b[^\n]*%ymm")
@@ -93,5 +94,9 @@ def test_integer_matvec_uses_avx2_int8_madd(fmt: str) -> None:
         np.zeros(nb, np.float32),
         np.zeros(rows, np.float32),
     )
+    if re.search(r"\bvpdpbusd\b[^\n]*%ymm", asm):  # VNNI: both steps in one instruction
+        assert VNNI, f"{fmt}: vpdpbusd although the VNNI path is off"
+        return
+    assert not VNNI or fmt.endswith("_K") or fmt == "IQ4_XS", f"{fmt}: VNNI host but no vpdpbusd"
     assert re.search(r"\bvpmaddubsw\b[^\n]*%ymm", asm), f"{fmt} integer matvec lost its vpmaddubsw"
     assert re.search(r"\bvpmaddwd\b[^\n]*%ymm", asm)

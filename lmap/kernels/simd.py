@@ -16,10 +16,14 @@ d_w * d_x * sum(q_w * q_x) (+ m_w * s_x).
 
 from __future__ import annotations
 
+import os
+
 import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
+
+from ..errors import InvalidParameterError
 
 _i8, _i16, _i32, _i64 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
 _f32 = ir.FloatType()
@@ -69,21 +73,28 @@ def _scale_and_offset(builder: ir.IRBuilder, wb: ir.Value, xd: ir.Value, xs: ir.
     )
 
 
-def _has_avx2() -> bool:
+def _host_has(feature: str) -> bool:
     try:
-        return bool(llvm.get_host_cpu_features().get("avx2", False))
+        return bool(llvm.get_host_cpu_features().get(feature, False))
     except RuntimeError:
         return False
 
 
-def _has_fma() -> bool:
-    try:
-        return bool(llvm.get_host_cpu_features().get("fma", False))
-    except RuntimeError:
-        return False
+def _simd_level() -> str:
+    """``LMAP_SIMD`` caps the instruction sets the intrinsics use: auto (default), avx2 or portable.
+
+    The capped paths give bit-identical results (the integer sums are exact either way); the cap
+    exists to test the fallbacks on a machine that has more, and to rule a new path out quickly.
+    """
+    level = os.environ.get("LMAP_SIMD", "auto").strip().lower() or "auto"
+    if level not in SIMD_LEVELS:
+        raise InvalidParameterError(f"LMAP_SIMD={level!r}: expected one of {', '.join(SIMD_LEVELS)}")
+    return level
 
 
-FMA = _has_fma()
+SIMD_LEVELS = ("auto", "avx2", "portable")
+SIMD = _simd_level()
+FMA = _host_has("fma")
 
 
 def _fmadd(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.Value:
@@ -103,7 +114,10 @@ def _fmadd(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.V
 
 # AVX2's vpmaddubsw + vpmaddwd do a block in two instructions, as in llama.cpp; the portable
 # IR below is correct everywhere but LLVM lowers it to ~4x more instructions on x86.
-AVX2 = _has_avx2()
+AVX2 = SIMD != "portable" and _host_has("avx2")
+# VNNI's vpdpbusd does both steps in one instruction (AVX-VNNI, or AVX512-VNNI on 256-bit
+# registers). Same integer sums: |q| * x pairs never saturate vpmaddubsw's i16 (2 * 128 * 127).
+VNNI = SIMD == "auto" and AVX2 and (_host_has("avxvnni") or (_host_has("avx512vnni") and _host_has("avx512vl")))
 
 
 def _avx2_block_dot(builder: ir.IRBuilder, q: ir.Value, x: ir.Value, signed_q: bool) -> ir.Value:
@@ -123,6 +137,13 @@ def _avx2_block_dot(builder: ir.IRBuilder, q: ir.Value, x: ir.Value, signed_q: b
         absq = builder.call(sign, [q, q])
         x = builder.call(sign, [x, q])
         q = absq
+    if VNNI:
+        dpbusd = mod.globals.get("llvm.x86.avx512.vpdpbusd.256") or ir.Function(
+            mod, ir.FunctionType(v32, [v32, v32, v32]), "llvm.x86.avx512.vpdpbusd.256"
+        )
+        zero = ir.Constant(v32, None)
+        sums = builder.call(dpbusd, [zero, builder.bitcast(q, v32), builder.bitcast(x, v32)])
+        return builder.sitofp(sums, _vec(_f32, 8))
     pairs = builder.call(maddubs, [q, x])
     ones = ir.Constant(v16, [1] * 16)
     return builder.sitofp(builder.call(maddwd, [pairs, ones]), _vec(_f32, 8))
@@ -136,9 +157,10 @@ def _block_dot(builder: ir.IRBuilder, q: ir.Value, x: ir.Value, signed_q: bool) 
     a = builder.sext(q, v16) if signed_q else builder.zext(q, v16)
     b = builder.sext(x, v16)
     p = builder.sext(builder.mul(a, b), _vec(_i32, 32))  # |q*x| <= 128*128 fits i16; widen before adding
-    # fold 32 lanes to 8: add the four quarters (lanes i, i+8, i+16, i+24)
+    # fold 32 lanes to 8 as vpmaddubsw + vpmaddwd do: lane i sums products 4i..4i+3, so the float
+    # accumulation that follows (and the logits) is the same on every instruction set
     quarter = [
-        builder.shuffle_vector(p, p, ir.Constant(_vec(_i32, 8), [k * 8 + i for i in range(8)])) for k in range(4)
+        builder.shuffle_vector(p, p, ir.Constant(_vec(_i32, 8), [4 * i + k for i in range(8)])) for k in range(4)
     ]
     s = builder.add(builder.add(quarter[0], quarter[1]), builder.add(quarter[2], quarter[3]))
     return builder.sitofp(s, _vec(_f32, 8))
