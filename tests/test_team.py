@@ -95,12 +95,14 @@ def test_helpers_take_chunks_then_sleep_and_wake() -> None:
         assert team.ctrl[T.SLEEPERS] == 1
         # ... a job posted meanwhile is done (by the caller alone if need be), and wakes it
         out[:] = np.nan
+        wakes = int(team.ctrl[T.WAKES])
         team.run("Q4_0", x, acts, [w.data], [out])
         np.testing.assert_array_equal(out, ref)
+        # (it may fall asleep again within its ~1 ms spin, so count wakes rather than watch SLEEPERS)
         deadline = time.monotonic() + 10
-        while team.ctrl[T.SLEEPERS] != 0 and time.monotonic() < deadline:
+        while team.ctrl[T.WAKES] == wakes and time.monotonic() < deadline:
             time.sleep(0.001)
-        assert team.ctrl[T.SLEEPERS] == 0, "the sleeping helper was not woken"
+        assert team.ctrl[T.WAKES] == wakes + 1, "the sleeping helper was not woken"
     finally:
         team.stop()
     assert not team.threads

@@ -113,8 +113,9 @@ def store_f32(typingctx, addr, value):  # type: ignore[no-untyped-def]
 MAX_MATS = 4
 
 # ctrl: int64 words, each on its own 64-byte line so the threads do not false-share
-WORD, DONE, SLEEPERS, STOP, HELPED = 0, 8, 16, 24, 32  # HELPED: chunks the helpers computed, ever
-CTRL_WORDS = 40
+# HELPED: chunks the helpers computed, ever; WAKES: times a sleeping helper was woken, ever
+WORD, DONE, SLEEPERS, STOP, HELPED, WAKES = 0, 8, 16, 24, 32, 40
+CTRL_WORDS = 48
 # job: int64 fields
 KERNEL, NB, NCHUNKS, CHUNK_ROWS, NSEQ, X, XD, XS, XSTRIDE, DSTRIDE, NMAT = range(11)
 MAT0, MAT_FIELDS = 16, 8  # per matrix: w address, row stride, rows, out address, out row stride, first chunk
@@ -288,6 +289,7 @@ class Team:
             ev.wait()
             ev.clear()
             atomic_add_py(self.ctrl, SLEEPERS, -1)
+            atomic_add_py(self.ctrl, WAKES, 1)
 
     def run(self, fmt: str, x: np.ndarray, acts: object, ws: list, outs: list) -> None:
         """outs[m][j] = ws[m] @ x[j] for all weights of format ``fmt`` (at most MAX_MATS); acts: RowActs."""
