@@ -39,6 +39,8 @@ from .simd import (
     _i32,
     _i64,
     _load,
+    _loop,
+    _paired_loop,
     _row_loop,
     _scale_and_offset,
     _splat,
@@ -157,36 +159,6 @@ def _bconst(v: int | list[int], n: int = 32) -> ir.Constant:
 
 def _lanes(builder: ir.IRBuilder, v: ir.Value, idx: list[int]) -> ir.Value:
     return builder.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), ir.Constant(_vec(_i32, len(idx)), idx))
-
-
-def _loop(builder: ir.IRBuilder, n: ir.Value, inits: list[ir.Value], body) -> list[ir.Value]:  # type: ignore[no-untyped-def]
-    """Emit ``for i in range(n)`` carrying ``inits`` through ``body(i, values) -> values``; returns the final values."""
-    fn = builder.function
-    entry = builder.block
-    loop = fn.append_basic_block("loop")
-    done = fn.append_basic_block("loop_done")
-    builder.cbranch(builder.icmp_signed(">", n, _c64(0)), loop, done)
-    builder.position_at_end(loop)
-    i = builder.phi(_i64)
-    phis = [builder.phi(v.type) for v in inits]
-    i.add_incoming(_c64(0), entry)
-    for p, v in zip(phis, inits, strict=True):
-        p.add_incoming(v, entry)
-    new = body(i, phis)
-    i_next = builder.add(i, _c64(1))
-    end = builder.block
-    i.add_incoming(i_next, end)
-    for p, v in zip(phis, new, strict=True):
-        p.add_incoming(v, end)
-    builder.cbranch(builder.icmp_signed("<", i_next, n), loop, done)
-    builder.position_at_end(done)
-    outs = []
-    for v0, v1 in zip(inits, new, strict=True):
-        phi = builder.phi(v0.type)
-        phi.add_incoming(v0, entry)
-        phi.add_incoming(v1, end)
-        outs.append(phi)
-    return outs
 
 
 def _fma32(
@@ -423,7 +395,7 @@ def _q8k_row(builder: ir.IRBuilder, args, block_bytes: int, parts) -> ir.Value: 
         xdb = _load(builder, builder.add(xd, builder.mul(b, _c64(4))), _f32, 4)
         return _q8k_super_block(builder, parts(builder, wb), builder.add(x, builder.mul(b, _c64(256))), xdb, acc)
 
-    (acc,) = _loop(builder, nb, [ir.Constant(_v8f, None)], body)
+    (acc,) = _paired_loop(builder, nb, [ir.Constant(_v8f, None)], body)
     return _hsum(builder, acc)
 
 
