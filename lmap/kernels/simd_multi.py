@@ -45,6 +45,22 @@ def _c(v: int) -> ir.Constant:
     return ir.Constant(_i64, v)
 
 
+PREFETCH_AHEAD = 8192  # bytes of weights ahead of the row being multiplied
+
+
+def _prefetch_row(builder, addr, nbytes):  # type: ignore[no-untyped-def]
+    """Prefetch ``nbytes`` from ``addr`` a cache line at a time (a prefetch past the end cannot fault)."""
+    mod = builder.module
+    ptr = ir.IntType(8).as_pointer()
+    fn = mod.globals.get("llvm.prefetch.p0i8") or ir.Function(
+        mod, ir.FunctionType(ir.VoidType(), [ptr, ir.IntType(32), ir.IntType(32), ir.IntType(32)]), "llvm.prefetch.p0i8"
+    )
+    i32 = ir.IntType(32)
+    with cgutils.for_range(builder, builder.sdiv(builder.add(nbytes, _c(63)), _c(64))) as line:
+        a = builder.add(addr, builder.mul(line.index, _c(64)))
+        builder.call(fn, [builder.inttoptr(a, ptr), ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
 def _dots(builder, wr, x, xd, xs, xst, dst, nb, count, block_bytes, block_x, weights, per_x):  # type: ignore[no-untyped-def]
     """[dot(row at wr, activation row j) for j < count] (count known here): the block loop, weights once."""
     xj = [builder.add(x, builder.mul(_c(j), xst)) for j in range(count)]
@@ -103,6 +119,7 @@ def _chunk_kernel(name: str, block_bytes: int, block_x: int, weights, per_x):  #
                 r = loop.index
                 wr = builder.add(w, builder.mul(r, ws))
                 orow = builder.add(out, builder.mul(r, _c(4)))
+                _prefetch_row(builder, builder.add(wr, _c(PREFETCH_AHEAD)), ws)
                 with cgutils.for_range(builder, full) as g:
                     group(wr, orow, builder.mul(g.index, _c(GROUP)), GROUP)
                 with builder.if_then(has_pair):
