@@ -249,8 +249,23 @@ class Model:
         if _team_rows(x, s, rows) and all(on_team(w, s.xq) for w, _ in pairs):
             matmuls(pairs, x, s.acts)  # type: ignore[arg-type]
             return
+        if rows or x.shape[0] == 1 or s.xq is None or _team_rows(x, s, rows):
+            for w, out in pairs:
+                _matmul(w, x, out, s, rows)
+            return
+        # prompt tiles: round the shared input once per rounding kind, not once per matrix
+        by_kind: dict[object, list[tuple[QMatrix, np.ndarray]]] = {}
         for w, out in pairs:
-            _matmul(w, x, out, s, rows)
+            by_kind.setdefault(w.k.activation, []).append((w, out))
+        xr = s.xq.f32[: x.size].reshape(x.shape)
+        for kind, group in by_kind.items():
+            if kind is None or len(group) == 1:
+                for w, out in group:
+                    w.matmul(x, out, s.tile, s.xq)
+                continue
+            kind(x, xr)  # type: ignore[operator]
+            for w, out in group:
+                w.matmul(xr, out, s.tile, None)  # the same product w.matmul(x, ..., s.xq) makes
 
     def attention(
         self,
