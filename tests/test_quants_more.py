@@ -19,6 +19,7 @@ from lmap.kernels import ops
 from lmap.quants import KERNELS, ActScratch, QMatrix, iq4, q2_k, q3_k, q4_k, q5_k, q6_k
 from lmap.quants.formats import FORMATS_BY_NAME
 from lmap.quants.q8_k import quantize_q8_k, round_q8_k
+from lmap.quants.q8_k import round_q8_k_scalar as q8_k_round_scalar
 
 QUANTIZABLE = ["Q5_0", "Q5_1"]
 # byte offsets of the f16 fields (scales, mins) in one block: random bytes there could be inf/nan
@@ -151,6 +152,40 @@ def test_round_q8_k_equals_llama_cpp_reference() -> None:
         assert np.array_equal(xq, q.reshape(4, -1)[t])
         assert np.array_equal(xd, d.reshape(4, -1)[t])
         assert np.array_equal(xs, xq.reshape(-1, 32).sum(axis=1))
+
+
+def q8_0_reference(x: np.ndarray) -> np.ndarray:
+    """numpy transcription of llama.cpp's quantize_row_q8_0_ref, dequantized: d (as f16) * round(x / d)."""
+    blocks = x.astype(np.float32).reshape(-1, 32)
+    d = np.abs(blocks).max(axis=1) / np.float32(127.0)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1.0) / d, np.float32(0.0)).astype(np.float32)
+    dh = d.astype(np.float16).astype(np.float32)
+    return (dh[:, None] * np.rint(blocks * inv[:, None])).reshape(x.shape)
+
+
+@pytest.mark.parametrize("kind", ["q8", "q8_k"])
+def test_vector_rounding_equals_reference_and_scalar_twin(kind: str) -> None:
+    """The vector-IR block rounding (kernels/vround.py) against numpy references, contiguous and strided."""
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((6, 256 * 3)) * rng.uniform(0.001, 300, (6, 1))).astype(np.float32)
+    x[1, 256:512] = 0
+    x[2, 3], x[2, 9] = -1000, 1000  # equal magnitudes: the first sets the Q8_K scale's sign
+    x[3, 40] = 1e4
+    x[4, ::7] = 0.5  # ties to even after scaling
+    if kind == "q8":
+        fn, twin, expect = ops.round_q8, ops.round_q8_scalar, q8_0_reference(x)
+    else:
+        q, d = q8_k_reference(x)
+        fn, twin, expect = round_q8_k, q8_k_round_scalar, (d[:, None] * q.astype(np.float32)).reshape(x.shape)
+    out = np.zeros_like(x)
+    fn(x, out)
+    assert np.array_equal(out, expect)
+    strided = np.zeros((6, 2 * x.shape[1]), np.float32)[:, ::2]  # the scalar twin's path
+    fn(x, strided)
+    assert np.array_equal(strided, expect)
+    twin(x, out)
+    assert np.array_equal(out, expect)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -16,6 +16,7 @@ from numba.extending import overload
 
 from .half import float_to_half, half_to_float
 from .vexp import exp8_inplace, silu_mul8
+from .vround import round_q8_block
 
 
 def _f32(x):  # type: ignore[no-untyped-def]
@@ -616,9 +617,24 @@ def round_q8(x: np.ndarray, out: np.ndarray) -> None:
     llama.cpp multiplies a quantized weight by activations quantized this way
     (quantize_row_q8_0/q8_1: d = amax / 127 kept as f16, q = round(x / d)); doing the
     same keeps lmap's logits within llama.cpp's own noise ([n, k], k % 32 == 0).
+    A block is one vector (vround.py) when rows are contiguous, else the scalar twin below.
     """
     n, k = x.shape
+    if x.strides[1] != 4 or out.strides[1] != 4:
+        round_q8_scalar(x, out)
+        return
     for t in prange(n):
+        xa = x.ctypes.data + t * x.strides[0]
+        oa = out.ctypes.data + t * out.strides[0]
+        for b in range(k // 32):
+            round_q8_block(xa + 128 * b, oa + 128 * b)
+
+
+@njit(cache=True, fastmath=False)
+def round_q8_scalar(x: np.ndarray, out: np.ndarray) -> None:
+    """:func:`round_q8` one activation at a time (strided arrays; the reference its vector form must equal)."""
+    n, k = x.shape
+    for t in range(n):
         for b in range(k // 32):
             amax = np.float32(0.0)
             for j in range(32):

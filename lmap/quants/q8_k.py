@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..kernels.vround import round_q8_k_block
+
 BLOCK = 256
 
 
@@ -32,11 +34,28 @@ def _block_iscale(x, t, o):  # type: ignore[no-untyped-def]
 def round_q8_k(x: np.ndarray, out: np.ndarray) -> None:
     """out = x after llama.cpp's quantize_row_q8_K_ref, dequantized (d * q); [n, k], k % 256 == 0.
 
+    A block is one vector (kernels/vround.py) when rows are contiguous, else the scalar twin.
+    """
+    n, k = x.shape
+    if x.strides[1] != 4 or out.strides[1] != 4:
+        round_q8_k_scalar(x, out)
+        return
+    for t in prange(n):
+        xa = x.ctypes.data + t * x.strides[0]
+        oa = out.ctypes.data + t * out.strides[0]
+        for b in range(k // BLOCK):
+            round_q8_k_block(xa + 4 * BLOCK * b, oa + 4 * BLOCK * b)
+
+
+@njit(cache=True, fastmath=False)
+def round_q8_k_scalar(x: np.ndarray, out: np.ndarray) -> None:
+    """:func:`round_q8_k` one activation at a time.
+
     fastmath stays off: the rounding must be the C reference's, step for step (x * iscale
     rounded to float, then to the nearest integer, ties to even like its nearest_int).
     """
     n, k = x.shape
-    for t in prange(n):
+    for t in range(n):
         for b in range(k // BLOCK):
             o = b * BLOCK
             iscale = _block_iscale(x, t, o)
