@@ -40,7 +40,6 @@ from .simd import (
     _i64,
     _load,
     _loop,
-    _paired_loop,
     _row_loop,
     _scale_and_offset,
     _splat,
@@ -395,7 +394,7 @@ def _q8k_row(builder: ir.IRBuilder, args, block_bytes: int, parts) -> ir.Value: 
         xdb = _load(builder, builder.add(xd, builder.mul(b, _c64(4))), _f32, 4)
         return _q8k_super_block(builder, parts(builder, wb), builder.add(x, builder.mul(b, _c64(256))), xdb, acc)
 
-    (acc,) = _paired_loop(builder, nb, [ir.Constant(_v8f, None)], body)
+    (acc,) = _loop(builder, nb, [ir.Constant(_v8f, None)], body)
     return _hsum(builder, acc)
 
 

@@ -24,8 +24,8 @@ from .simd import _block_dot, _f32, _fmadd, _half, _hsum, _i8, _i64, _load, _sca
 from .simd_more import _half as _half_int
 from .simd_more import (
     _iq4_levels,
+    _loop,
     _nibbles,
-    _paired_loop,
     _q2_k,
     _q3_k,
     _q4_k,
@@ -78,7 +78,7 @@ def _dots(builder, wr, x, xd, xs, xst, dst, nb, count, block_bytes, block_x, wei
             offs.append(o)
         return accs + offs
 
-    vals = _paired_loop(builder, nb, [ir.Constant(_v8f, None)] * count + [ir.Constant(_f32, 0.0)] * count, body)
+    vals = _loop(builder, nb, [ir.Constant(_v8f, None)] * count + [ir.Constant(_f32, 0.0)] * count, body)
     return [builder.fadd(_hsum(builder, vals[j]), vals[count + j]) for j in range(count)]
 
 
