@@ -265,7 +265,7 @@ class Team:
         self.n_threads = max(1, int(n_threads))
         self.ctrl = np.zeros(CTRL_WORDS, np.int64)
         self.job = np.zeros(JOB_WORDS, np.int64)
-        self.lock = threading.Lock()  # one caller at a time; a second one uses the prange kernels
+        self.lock = threading.Lock()  # one caller at a time; a second one uses its own helper-less team
         self.pid = os.getpid()
         self.wake: list[threading.Event] = []
         self.threads: list[threading.Thread] = []
