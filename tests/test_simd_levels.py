@@ -67,3 +67,9 @@ def test_an_unknown_level_is_named() -> None:
     )
     assert r.returncode != 0
     assert "LMAP_SIMD='sse9'" in r.stderr and "auto, avx2, portable" in r.stderr
+    # the command says it in one line, no traceback
+    r = subprocess.run(
+        [sys.executable, "-m", "lmap", "run", "-p", "hi"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 1
+    assert r.stderr.strip() == "lmap: error: LMAP_SIMD='sse9': expected one of auto, avx2, portable"

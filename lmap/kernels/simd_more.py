@@ -30,6 +30,7 @@ from numba.extending import intrinsic
 from .simd import (
     AVX2,
     _block_dot,
+    _c64,
     _f32,
     _fmadd,
     _half_pair,
@@ -142,10 +143,6 @@ def row_dot_q5_1_q8_1(typingctx, w_addr, x_addr, xd_addr, xs_addr, nb):  # type:
 
 _CONTRACT = ("contract",)  # let LLVM fuse q * scale + offset and w * x + acc into FMAs
 _v8f = _vec(_f32, 8)
-
-
-def _c64(v: int) -> ir.Constant:
-    return ir.Constant(_i64, v)
 
 
 def _bytes(builder: ir.IRBuilder, addr: ir.Value, n: int) -> ir.Value:

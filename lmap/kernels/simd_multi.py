@@ -20,7 +20,8 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .simd import _block_dot, _f32, _fmadd, _half, _hsum, _i8, _i64, _load, _scale_and_offset, _splat, _vec
+from .simd import _block_dot, _f32, _fmadd, _half, _hsum, _i8, _load, _scale_and_offset, _splat, _vec
+from .simd import _c64 as _c
 from .simd_more import _half as _half_int
 from .simd_more import (
     _iq4_levels,
@@ -39,10 +40,6 @@ from .simd_more import _iq4_xs as _iq4_xs_parts
 _v8f = _vec(_f32, 8)
 SIG = types.void(*([types.int64] * 13))
 GROUP = 4  # activation rows sharing one rebuild of a weight block (4 accumulators + the block in registers)
-
-
-def _c(v: int) -> ir.Constant:
-    return ir.Constant(_i64, v)
 
 
 PREFETCH_AHEAD = 8192  # bytes of weights ahead of the row being multiplied

@@ -6,7 +6,8 @@ under fast-math) and ``np.rint`` kept the whole block scalar: ~1.5 ns per activa
 of prompt time. Here a block is one vector: ``llvm.vector.reduce.fmax`` (exact: a maximum
 does not depend on order), ``llvm.rint`` (ties to even, as ``nearbyint`` in C), and every
 other step the same single IEEE operation as the C reference, so the results are bit for bit
-those of the scalar kernels they replace (tests/test_quants.py compares them).
+those of the scalar kernels they replace (tests/test_quants_more.py checks both against numpy
+transcriptions of llama.cpp's reference quantizers).
 """
 
 from __future__ import annotations
@@ -15,18 +16,14 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-_i1, _i32, _i64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
-_f32 = ir.FloatType()
+from .simd import _c64, _f32, _splat
+
+_i1 = ir.IntType(1)
 
 
 def _fn(builder: ir.IRBuilder, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
     mod = builder.module
     return mod.globals.get(name) or ir.Function(mod, ir.FunctionType(ret, args), name)
-
-
-def _splat(builder: ir.IRBuilder, v: ir.Value, n: int) -> ir.Value:
-    vec = builder.insert_element(ir.Constant(ir.VectorType(_f32, n), ir.Undefined), v, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(_i32, n), [0] * n))
 
 
 def _block(builder: ir.IRBuilder, addr: ir.Value, n: int) -> tuple[ir.Value, ir.Value, ir.Value]:
@@ -82,9 +79,9 @@ def round_q8_k_block(typingctx, x_addr, out_addr):  # type: ignore[no-untyped-de
         first = builder.call(
             _fn(builder, f"llvm.cttz.i{n}", ir.IntType(n), [ir.IntType(n), _i1]), [hits, ir.Constant(_i1, 0)]
         )
-        lane = builder.trunc(first, _i64)
+        lane = builder.trunc(first, ir.IntType(64))
         mx = builder.load(
-            builder.inttoptr(builder.add(args[0], builder.mul(lane, ir.Constant(_i64, 4))), _f32.as_pointer()), align=4
+            builder.inttoptr(builder.add(args[0], builder.mul(lane, _c64(4))), _f32.as_pointer()), align=4
         )
         zero = builder.fcmp_ordered("==", amax, ir.Constant(_f32, 0.0))
         iscale = builder.fdiv(ir.Constant(_f32, -127.0), mx)

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import sys
 
-from .command import main
+from ..errors import LmapError
 
 if __name__ == "__main__":
+    try:
+        from .command import main
+    except LmapError as e:  # a bad setting found while the kernels are built (e.g. LMAP_SIMD)
+        print(f"lmap: error: {e}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(main())
