@@ -125,3 +125,24 @@ def test_small_score_scratch_and_blind_queries() -> None:
     ref = reference(q, k, v, pos, cell_pos, n_cells, 0.25, 0, 0.0)
     assert np.all(got[0] == 0)
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["attention_serial", "attention_parallel"])
+def test_a_query_that_sees_no_cell_gets_zeros_like_the_batch_kernel(kernel: str) -> None:
+    """Every cell empty or in the future: zeros (as attention_batch gives), not a division by zero."""
+    from lmap.kernels import ops
+
+    n, nh, nkv, hd, cells = 2, 4, 2, 64, 16
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((n, nh, hd)).astype(np.float32)
+    k = rng.standard_normal((cells, nkv, hd)).astype(np.float16).view(np.uint16)
+    v = rng.standard_normal((cells, nkv, hd)).astype(np.float16).view(np.uint16)
+    cell_pos = np.full(cells, -1, np.int32)
+    cell_pos[:4] = [5, 6, 7, 8]  # all after the queries' positions
+    pos = np.array([3, 4], np.int32)
+    out = np.full((n, nh, hd), 7.0, np.float32)
+    getattr(ops, kernel)(q, k, v, pos, cell_pos, cells, 0.125, 0, 0.0, np.zeros((2, cells), np.float32), out)
+    ref = np.full_like(out, 7.0)
+    w = AttentionScratch(n, cells, nh, nkv, hd, hd)
+    attention_batch(q, k, v, pos, cell_pos, cells, 0.125, 0, 0.0, w, ref)
+    assert not out.any() and not ref.any()

@@ -268,12 +268,14 @@ def _attend(q, k, v, cell_pos, t, h, kh, p, c0, c1, sc, window, softcap, s, out)
     lo = p - window if window > 0 else -1
     n_cells = c1 - c0
     mx = np.float32(-np.inf)
+    visible = False
     for j in range(n_cells):
         c = c0 + j
         cp = cell_pos[c]
         if cp < 0 or cp > p or cp <= lo:
             s[j] = np.float32(-np.inf)
             continue
+        visible = True
         d = _dot_row(q, t, h, k, c, kh)
         d *= sc
         if softcap > 0.0:
@@ -281,7 +283,7 @@ def _attend(q, k, v, cell_pos, t, h, kh, p, c0, c1, sc, window, softcap, s, out)
         s[j] = d
         if d > mx:
             mx = d
-    if mx == -np.inf:  # nothing visible
+    if not visible:  # (a flag: under fastmath a comparison with -inf may be folded away)
         for i in range(hd):
             out[t, h, i] = np.float32(0.0)
         return
