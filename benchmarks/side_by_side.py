@@ -17,6 +17,7 @@ together, are the claim.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import platform
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (default 128)")
     ap.add_argument("--llama-bin", default=None, help="llama.cpp bin folder (default: build with the project script)")
     ap.add_argument("--no-ttft", action="store_true", help="skip the time-to-first-token comparison")
+    ap.add_argument("--ttft-only", action="store_true", help="only the time-to-first-token comparison")
     ap.add_argument("--prompt", default=TTFT_PROMPT, help="prompt for time to first token")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     args = ap.parse_args(argv)
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # samples[test][threads][engine] = tok/s per round
     samples: dict[str, dict[int, dict[str, list[float]]]] = {}
-    for rnd in range(args.rounds):
+    for rnd in range(0 if args.ttft_only else args.rounds):
         order = ENGINES if rnd % 2 == 0 else ENGINES[::-1]
         for t in threads:
             for engine in order:
@@ -153,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_ttft:
         t = max(threads)
         cmds = ttft_cmds(bin_dir, model, args.prompt, t)
+        # an installed package has its bytecode compiled by pip; a checkout run under
+        # PYTHONDONTWRITEBYTECODE would compile lmap's sources again on every start
+        compileall.compile_dir(str(ROOT / "lmap"), quiet=1)
         for cmd in cmds.values():
             run(cmd)  # warm the page cache and Numba's kernel cache
         walls: dict[str, list[float]] = {e: [] for e in ENGINES}
@@ -175,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} alternating rounds, -p {args.n_prompt} -n {args.n_gen}, medians of per-round tok/s; "
         f"load avg at start {load0[0]:.2f}, at end {os.getloadavg()[0]:.2f}"
     )
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        if var in os.environ:  # prefill's BLAS kernels: a forced core type can halve pp speed
+            print(f"note: {var}={os.environ[var]} is set for NumPy's OpenBLAS (lmap's prefill products)")
     print()
     print("| test   | threads | llama.cpp tok/s |  lmap tok/s | lmap / llama.cpp |")
     print("| ------ | ------: | --------------: | ----------: | ---------------: |")

@@ -254,8 +254,9 @@ def _blas_info() -> dict[str, Any]:
                 "name": pool.get("internal_api"),
                 "version": pool.get("version"),
                 "threads": pool.get("num_threads"),
+                "kernels": pool.get("architecture"),
             }
-    return {"name": None, "version": None, "threads": None}
+    return {"name": None, "version": None, "threads": None, "kernels": None}
 
 
 def _system_info() -> dict[str, Any]:
@@ -330,8 +331,9 @@ def md_header(report: BenchReport) -> list[str]:
     if blas.get("name"):
         n = blas.get("threads")
         lines.append(
-            f"BLAS (prefill matmuls): {blas['name']} {blas.get('version') or ''}, "
-            f"{'? threads' if n is None else f'{n} threads'} (set to -t per row)"
+            f"BLAS (prefill matmuls): {blas['name']} {blas.get('version') or ''}"
+            + (f" ({blas['kernels']} kernels)" if blas.get("kernels") else "")
+            + f", {'? threads' if n is None else f'{n} threads'} (set to -t per row)"
         )
     return [
         *lines,

@@ -7,6 +7,7 @@ becomes one line on stderr and exit code 1.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import re
 import sys
@@ -87,7 +88,7 @@ def _load(args: argparse.Namespace) -> Any:
 
     if args.threads is not None and args.threads < 1:
         raise InvalidParameterError(f"--threads must be >= 1, got {args.threads}")
-    return Llama(
+    llm = Llama(
         args.model,
         n_ctx=args.ctx_size,
         n_batch=args.batch_size,
@@ -100,6 +101,19 @@ def _load(args: argparse.Namespace) -> Any:
         n_keep=args.keep,
         verbose=args.verbose,
     )
+    end_startup_gc()
+    return llm
+
+
+def end_startup_gc() -> None:
+    """Turn the collector back on after a start-up that ran without it (see ``lmap.__main__``).
+
+    What start-up built (Numba's registries, the model, the tokenizer) lives as long as the
+    process: ``gc.freeze`` keeps later collections from scanning it again and again.
+    """
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _check_sampling(args: argparse.Namespace) -> None:
@@ -406,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.func not in (cmd_run, cmd_chat):
+        end_startup_gc()  # only run and chat turn it back on themselves, once the model is loaded
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.WARNING,
         format="%(message)s",

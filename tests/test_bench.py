@@ -83,7 +83,7 @@ def test_memory_bandwidth_is_positive() -> None:
 def _report() -> BenchReport:
     model = ModelDesc("tiny", "/x/tiny.gguf", "llama", "Q4_1", 3 * 2**20, 2_500_000, 2**20, True)
     system = {"numba": "0", "threading_layer": "tbb", "numba_num_threads": 2, "cpu": "cpu", "n_cpus": 2}
-    system["blas"] = {"name": "openblas", "version": "0.3", "threads": 2}
+    system["blas"] = {"name": "openblas", "version": "0.3", "threads": 2, "kernels": "SkylakeX"}
     bw = {"array_mib": 1, "runs": 2, "gbps_by_threads": {"1": 10.0}, "gbps": 10.0}
     return BenchReport(model, {**system, "load_avg": [0.5, 0.5, 0.5]}, bw)
 
@@ -93,7 +93,7 @@ def test_md_table_layout() -> None:
     head = md_header(rep)
     assert "threading layer: tbb" in "\n".join(head)
     assert "10.0 GB/s" in "\n".join(head)
-    assert "BLAS (prefill matmuls): openblas 0.3, 2 threads" in "\n".join(head)
+    assert "BLAS (prefill matmuls): openblas 0.3 (SkylakeX kernels), 2 threads" in "\n".join(head)
     cols = [c.strip() for c in head[-2].strip("|").split("|")]
     assert cols == MD_COLUMNS
     assert len(head[-1]) == len(head[-2])
@@ -126,7 +126,7 @@ def test_bench_json(smollm2_path: Path) -> None:
     assert positive(m["size_bytes"]) and positive(m["n_params"]) and positive(m["bytes_per_token"])
     assert m["bytes_per_token"] <= m["size_bytes"] * 2
     assert out["system"]["threading_layer"] in ("tbb", "omp", "workqueue")
-    assert set(out["system"]["blas"]) == {"name", "version", "threads"}
+    assert set(out["system"]["blas"]) == {"name", "version", "threads", "kernels"}
     bw = out["memory_bandwidth"]
     assert positive(bw["gbps"]) and all(positive(v) for v in bw["gbps_by_threads"].values())
     res = out["results"]

@@ -145,3 +145,40 @@ def test_chat_keeps_cache_between_turns(smollm2_path: Path) -> None:
     assert len(evaluated) == 2, r.stderr
     assert reused[1] > evaluated[1], r.stderr  # the second turn re-uses the first turn's cache
     assert "Everest" in r.stdout
+
+
+def test_quick_exit_flushes_all_output(smollm2_path: Path) -> None:
+    # the command ends with os._exit: everything written before must still arrive, pipes included
+    r = lmap("info", str(smollm2_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.rstrip().splitlines()[-1].strip(), r.stdout
+    head = subprocess.run(
+        f"{sys.executable} -m lmap info {smollm2_path} | head -1", shell=True, capture_output=True, text=True
+    )
+    assert head.returncode == 0 and len(head.stdout.splitlines()) == 1
+    assert "Traceback" not in head.stderr and "BrokenPipe" not in head.stderr, head.stderr
+
+
+def test_startup_leaves_scipy_importable() -> None:
+    pytest.importorskip("scipy")
+    code = (
+        "import sys, lmap.__main__ as m; m._numba_without_scipy(); "
+        "assert 'scipy' not in sys.modules; import scipy.linalg.cython_blas; print('ok')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_collector_back_on_after_startup(smollm2_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `lmap` starts with the collector off (lmap.__main__); every command turns it back on
+    import gc
+
+    from lmap.cli import main
+
+    gc.disable()
+    try:
+        assert main(["info", str(smollm2_path)]) == 0
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+    assert "llama" in capsys.readouterr().out
