@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -44,6 +45,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def thread_cpu(pid: int) -> tuple[float, float]:
+    """CPU seconds used so far by the process's main thread (the server's event loop) and by all its threads."""
+    tick = os.sysconf("SC_CLK_TCK")
+    main = total = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        sec = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+        total += sec
+        if task.name == str(pid):
+            main = sec
+    return main, total
 
 
 def rss_mib(pid: int) -> float:
@@ -176,7 +193,9 @@ def main() -> int:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
+        cpu0 = thread_cpu(srv.pid)
         load, t_load = run_clients(port, args.clients, args.duration, args.max_tokens)
+        cpu1 = thread_cpu(srv.pid)
         stop.set()
         sampler.join()
         agg = load.tokens / t_load
@@ -191,6 +210,11 @@ def main() -> int:
         print(
             f"server RSS MiB: start {rss[0]:.1f}, end {rss[-1]:.1f}, peak {max(rss):.1f}; "
             f"slope over the second half {slope * 60:+.2f} MiB/min"
+        )
+        loop_cpu, all_cpu = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
+        print(
+            f"server CPU during the load: {all_cpu / t_load:.2f} cores, of which the HTTP event loop "
+            f"{loop_cpu / t_load:.2f} ({loop_cpu / max(load.tokens, 1) * 1e6:.0f} us per token)"
         )
         for e in load.errors[:5] + single.errors[:5]:
             print("  error:", e)
