@@ -178,7 +178,7 @@ def scratch_buffers(
         Buffer("scratch", "x, xb, xb2", 3 * B * d * f4, detail=f"3 x [{B}, {d}] f32"),
         Buffer("scratch", "q, k, v, att", B * (H * (hdk + hdv) + Hkv * (hdk + hdv)) * f4),
         Buffer("scratch", "hb, hb2", 2 * B * ff * f4, detail=f"2 x [{B}, {ff}] f32"),
-        Buffer("scratch", "dequant tile", max(Scratch.TILE_ELEMENTS, max_cols) * f4, detail="prefill weight tile"),
+        Buffer("scratch", "dequant tile", max(Scratch.tile_elements(hp), max_cols) * f4, detail="prefill weight tile"),
         Buffer("scratch", "attention scores", n_threads * n_ctx * f4, detail=f"[{n_threads} threads, {n_ctx}]"),
         Buffer("scratch", "rope cos/sin", 4 * B * half * f4),
         Buffer("scratch", "cells, spans", 2 * B * 4 + 2 * B * 2 * 4),

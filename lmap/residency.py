@@ -385,7 +385,7 @@ class Residency(NoResidency):
             self.small_bytes,
             budget,
             path=g.path,
-            row_multiple=Scratch.TILE_ELEMENTS // max(out_w.cols, 1),
+            row_multiple=Scratch.tile_elements(model.hp) // max(out_w.cols, 1),
         )
         pinned = set(plan.pinned_layers)
         # the stream: units in the order a forward pass uses them; _layer_unit[i] = -1 for pinned layers
