@@ -135,3 +135,87 @@ def test_concurrent_callers_each_get_their_own_products() -> None:
 def test_every_format_has_a_chunk_kernel() -> None:
     """A format with an integer kernel but no chunk kernel would silently take the slow float path."""
     assert {f for f, k in KERNELS.items() if k.matvec_q8 is not None} == set(CHUNKS)
+
+
+def _spans_case(rng: np.random.Generator, n: int, nh: int, nkv: int, hd: int, per_seq: int):  # type: ignore[no-untyped-def]
+    """n sequences, each holding a random number of cells of its own region of one half cache."""
+    cells = n * per_seq
+    q = rng.standard_normal((n, nh, hd)).astype(np.float32)
+    k = rng.standard_normal((cells, nkv, hd)).astype(np.float16).view(np.uint16)
+    v = rng.standard_normal((cells, nkv, hd)).astype(np.float16).view(np.uint16)
+    cell_pos = np.full(cells, -1, np.int32)
+    spans = np.zeros((n, 2), np.int32)
+    pos = np.zeros(n, np.int32)
+    for t in range(n):
+        used = int(rng.integers(1, per_seq + 1))
+        spans[t] = (t * per_seq, t * per_seq + used)
+        cell_pos[t * per_seq : t * per_seq + used] = rng.permutation(used)  # cells in any order
+        pos[t] = used - 1
+    return q, k, v, pos, cell_pos, spans
+
+
+@pytest.mark.parametrize("window,softcap", [(0, 0.0), (7, 0.0), (0, 30.0)])
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_team_attention_equals_the_serial_kernel_bit_for_bit(n: int, window: int, softcap: float) -> None:
+    from lmap.kernels import ops
+
+    rng = np.random.default_rng(n * 100 + window)
+    nh, nkv, hd, per_seq = 6, 2, 64, 40
+    q, k, v, pos, cell_pos, spans = _spans_case(rng, n, nh, nkv, hd, per_seq)
+    scores = np.zeros((4, per_seq), np.float32)
+    want = np.zeros((n, nh, hd), np.float32)
+    ops.attention_spans_serial(q, k, v, pos, cell_pos, spans, 0.125, window, softcap, scores, want)
+    for threads in (1, 2, 3):
+        got = np.full((n, nh, hd), np.nan, np.float32)
+        t = T.Team(threads)
+        try:
+            t.attention(q, k, v, pos, cell_pos, spans, 0.125, window, softcap, scores, got)
+        finally:
+            t.stop()
+        np.testing.assert_array_equal(got, want)
+
+
+def test_team_attention_refuses_arrays_that_do_not_fit() -> None:
+    rng = np.random.default_rng(5)
+    q, k, v, pos, cell_pos, spans = _spans_case(rng, 2, 4, 2, 32, 16)
+    spans[:] = [[0, 16], [16, 32]]  # both sequences hold all their 16 cells
+    cell_pos[:] = np.tile(np.arange(16, dtype=np.int32), 2)
+    pos[:] = 15
+    out = np.zeros_like(q)
+    t = T.Team(2)
+    try:
+        with pytest.raises(ValueError, match="shapes"):  # a span longer than a row of scores
+            t.attention(q, k, v, pos, cell_pos, spans, 0.1, 0, 0.0, np.zeros((2, 4), np.float32), out)
+        with pytest.raises(ValueError, match="shapes"):  # one scores row for two threads
+            t.attention(q, k, v, pos, cell_pos, spans, 0.1, 0, 0.0, np.zeros((1, 16), np.float32), out)
+        bad = spans.copy()
+        bad[1, 1] = k.shape[0] + 1  # a span past the cache
+        with pytest.raises(ValueError, match="shapes"):
+            t.attention(q, k, v, pos, cell_pos, bad, 0.1, 0, 0.0, np.zeros((2, 16), np.float32), out)
+        with pytest.raises(ValueError, match="shapes"):  # a strided query view
+            t.attention(q[:, ::2], k, v, pos, cell_pos, spans, 0.1, 0, 0.0, np.zeros((2, 16), np.float32), out[:, ::2])
+        t.attention(q, k, v, pos, cell_pos, spans, 0.1, 0, 0.0, np.zeros((2, 16), np.float32), out)  # and all fit
+        assert np.isfinite(out).all() and np.abs(out).sum() > 0
+    finally:
+        t.stop()
+
+
+def test_a_new_job_is_never_claimed_half_written() -> None:
+    # every job after the first on a fresh team used to race a helper's stale claim; run many
+    # short jobs of alternating sizes on fresh teams and check each against the serial kernel
+    from lmap.kernels import ops
+
+    for trial in range(20):
+        rng = np.random.default_rng(trial)
+        t = T.Team(2)
+        try:
+            for n in (2, 5, 3, 8):
+                q, k, v, pos, cell_pos, spans = _spans_case(rng, n, 6, 2, 32, 24)
+                scores = np.zeros((2, 24), np.float32)
+                want = np.zeros_like(q)
+                ops.attention_spans_serial(q, k, v, pos, cell_pos, spans, 0.2, 0, 0.0, scores, want)
+                got = np.full_like(q, np.nan)
+                t.attention(q, k, v, pos, cell_pos, spans, 0.2, 0, 0.0, scores, got)
+                np.testing.assert_array_equal(got, want)
+        finally:
+            t.stop()

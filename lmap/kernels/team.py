@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, types
+from numba import carray, njit, types
 from numba.extending import intrinsic
 
 from ..quants.q8_k import quantize_q8_k
@@ -85,6 +85,16 @@ def atomic_add(typingctx, addr, value):  # type: ignore[no-untyped-def]
 
 
 @intrinsic
+def atomic_or(typingctx, addr, value):  # type: ignore[no-untyped-def]
+    """Atomically OR ``value`` into the int64 at ``addr`` (acquire-release); returns the old value."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        return builder.atomic_rmw("or", builder.inttoptr(args[0], _i64.as_pointer()), args[1], "acq_rel")
+
+    return types.int64(types.int64, types.int64), codegen
+
+
+@intrinsic
 def cpu_relax(typingctx):  # type: ignore[no-untyped-def]
     """The spin-wait hint (x86 ``pause``): frees the core's shared resources while spinning."""
 
@@ -109,6 +119,24 @@ def store_f32(typingctx, addr, value):  # type: ignore[no-untyped-def]
     return types.void(types.int64, types.float32), codegen
 
 
+def _pointer_from(dtype):  # type: ignore[no-untyped-def]
+    ptr_t = types.CPointer(dtype)
+
+    @intrinsic
+    def pointer(typingctx, addr):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.inttoptr(args[0], context.get_value_type(ptr_t))
+
+        return ptr_t(types.int64), codegen
+
+    return pointer
+
+
+_f32_ptr = _pointer_from(types.float32)
+_u16_ptr = _pointer_from(types.uint16)
+_i32_ptr = _pointer_from(types.int32)
+
+
 # -- the job ----------------------------------------------------------------------------
 MAX_MATS = 4
 
@@ -117,9 +145,15 @@ MAX_MATS = 4
 WORD, DONE, SLEEPERS, STOP, HELPED, WAKES = 0, 8, 16, 24, 32, 40
 CTRL_WORDS = 48
 # job: int64 fields
-KERNEL, NB, NCHUNKS, CHUNK_ROWS, NSEQ, X, XD, XS, XSTRIDE, DSTRIDE, NMAT = range(11)
+KERNEL, NB, NCHUNKS, CHUNK_ROWS, NSEQ, X, XD, XS, XSTRIDE, DSTRIDE, NMAT, KIND = range(12)
 MAT0, MAT_FIELDS = 16, 8  # per matrix: w address, row stride, rows, out address, out row stride, first chunk
 JOB_WORDS = MAT0 + MAT_FIELDS * MAX_MATS
+# KIND: what a chunk is. PRODUCTS: rows of up to MAX_MATS matrices (the fields above);
+# ATTENTION: one (query row, head) of decode attention over a half-precision cache, with these
+# fields from MAT0 on (addresses; SCALE and SOFTCAP hold float64 bits)
+PRODUCTS, ATTENTION = 0, 1
+(A_Q, A_K, A_V, A_POS, A_CELL_POS, A_SPANS, A_SCORES, A_SCORES_STRIDE, A_OUT) = range(MAT0, MAT0 + 9)
+(A_N, A_H, A_HKV, A_HD, A_C, A_WINDOW, A_SCALE, A_SOFTCAP) = range(MAT0 + 9, MAT0 + 17)
 
 
 @intrinsic
@@ -134,9 +168,51 @@ def _call_chunk(typingctx, fn, w, ws, r0, r1, x, xd, xs, xst, dst, n, nb, out, o
     return types.void(*([types.int64] * 14)), codegen
 
 
+@njit(cache=True, fastmath=True)  # ops.attention_spans' flags: the inlined _attend must compile alike
+def _attend_chunk(job, c, tid):  # type: ignore[no-untyped-def]
+    """Attention of query heads [c * per, (c + 1) * per): item i is row i // H, head i % H, over that
+    row's span, with its scores in row ``tid`` of the scratch."""
+    n, nh, nkv, hd, ncell = job[A_N], job[A_H], job[A_HKV], job[A_HD], job[A_C]
+    q = carray(_f32_ptr(job[A_Q]), (n, nh, hd))
+    k = carray(_u16_ptr(job[A_K]), (ncell, nkv, hd))
+    v = carray(_u16_ptr(job[A_V]), (ncell, nkv, hd))
+    pos = carray(_i32_ptr(job[A_POS]), (n,))
+    cell_pos = carray(_i32_ptr(job[A_CELL_POS]), (ncell,))
+    spans = carray(_i32_ptr(job[A_SPANS]), (n, 2))
+    scores = carray(_f32_ptr(job[A_SCORES] + tid * job[A_SCORES_STRIDE]), (ncell,))
+    out = carray(_f32_ptr(job[A_OUT]), (n, nh, hd))
+    jf = job.view(np.float64)
+    sc = np.float32(jf[A_SCALE])
+    group = nh // nkv
+    per = job[CHUNK_ROWS]
+    for i in range(c * per, min((c + 1) * per, n * nh)):
+        t = i // nh
+        h = i % nh
+        ops._attend(
+            q,
+            k,
+            v,
+            cell_pos,
+            t,
+            h,
+            h // group,
+            pos[t],
+            spans[t, 0],
+            spans[t, 1],
+            sc,
+            job[A_WINDOW],
+            jf[A_SOFTCAP],
+            scores,
+            out,
+        )
+
+
 @njit(cache=True)
-def _chunk(job, c):  # type: ignore[no-untyped-def]
+def _chunk(job, c, tid):  # type: ignore[no-untyped-def]
     """Rows of chunk ``c``: out[j, r] = dot(row r, activations j) for every activation row j."""
+    if job[KIND] == ATTENTION:
+        _attend_chunk(job, c, tid)
+        return
     m = 0
     while m + 1 < job[NMAT] and c >= job[MAT0 + (m + 1) * MAT_FIELDS + 5]:
         m += 1
@@ -149,8 +225,11 @@ def _chunk(job, c):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True)
-def _work(ctrl, job):  # type: ignore[no-untyped-def]
-    """Claim and compute chunks of the current job until none is left; returns how many were done here."""
+def _work(ctrl, job, tid):  # type: ignore[no-untyped-def]
+    """Claim and compute chunks of the current job until none is left; returns how many were done here.
+
+    ``tid``: this thread's slot in the team (0: the caller), for per-thread scratch.
+    """
     word = ctrl.ctypes.data + 8 * WORD
     done = ctrl.ctypes.data + 8 * DONE
     did = 0
@@ -161,21 +240,21 @@ def _work(ctrl, job):  # type: ignore[no-untyped-def]
         if (v & 0xFFFFFFFF) >= job[NCHUNKS]:
             return did
         if atomic_cas(word, v, v + 1):
-            _chunk(job, v & 0xFFFFFFFF)
+            _chunk(job, v & 0xFFFFFFFF, tid)
             atomic_add(done, 1)
             did += 1
         v = atomic_load(word)
 
 
 @njit(cache=True, nogil=True)
-def _serve(ctrl, job, spin_limit):  # type: ignore[no-untyped-def]
+def _serve(ctrl, job, spin_limit, tid):  # type: ignore[no-untyped-def]
     """A team thread's loop: work while jobs come; returns 0 after ``spin_limit`` idle spins, 1 on stop."""
     stop = ctrl.ctypes.data + 8 * STOP
     idle = 0
     while True:
         if atomic_load(stop) != 0:
             return 1
-        did = _work(ctrl, job)
+        did = _work(ctrl, job, tid)
         if did:
             atomic_add(ctrl.ctypes.data + 8 * HELPED, did)
             idle = 0
@@ -207,6 +286,7 @@ def _run(ctrl, job, kernel, q8_k, x, xq, xd, xs, w0, o0, w1, o1, w2, o2, w3, o3,
     w0..w3: weight views [rows, bytes]; o0..o3: outputs [n, rows]; the first ``nmat`` are used.
     (Separate arguments, not tuples: Numba types a tuple of arrays in Python, ~1 µs per array.)
     """
+    _retire(ctrl)
     ws = (w0, w1, w2, w3)
     outs = (o0, o1, o2, o3)
     n, k = x.shape
@@ -246,14 +326,108 @@ def _run(ctrl, job, kernel, q8_k, x, xq, xd, xs, w0, o0, w1, o1, w2, o2, w3, o3,
     job[XSTRIDE] = xq.strides[0]
     job[DSTRIDE] = xd.strides[0]
     job[NMAT] = nmat
+    job[KIND] = PRODUCTS
+    _publish_and_work(ctrl, job, c0)
+
+
+@njit(cache=True)
+def _retire(ctrl):  # type: ignore[no-untyped-def]
+    """Close the finished job to claims before its fields are rewritten.
+
+    A helper may have loaded the job word just before the last chunk was claimed and act on it
+    later: once the caller starts writing the next job's fields, that stale word plus a fresh
+    chunk count would let its compare-and-swap claim a chunk of a half-written job (seen as a
+    wrong first chunk on a fresh team, and as a miscounted ``done``). Saturating the chunk index
+    (keeping the tag) makes every such compare-and-swap fail, and every fresh look find nothing
+    to claim, until the next job is published. Acquire-release: none of the writes that follow
+    can be moved before it.
+    """
+    atomic_or(ctrl.ctypes.data + 8 * WORD, 0xFFFFFFFF)
+
+
+@njit(cache=True)
+def _publish_and_work(ctrl, job, n_chunks):  # type: ignore[no-untyped-def]
+    """Tag the filled-in job as new, work on it with the team, return when all chunks are done."""
     word = ctrl.ctypes.data + 8 * WORD
     done = ctrl.ctypes.data + 8 * DONE
     tag = ((atomic_load(word) >> 32) + 1) & 0x7FFFFFFF
     atomic_store(done, 0)
     atomic_store(word, tag << 32)  # release: the fields above are visible to whoever sees the tag
-    _work(ctrl, job)
-    while atomic_load(done) < c0:
+    _work(ctrl, job, 0)
+    while atomic_load(done) < n_chunks:
         cpu_relax()
+
+
+@njit(cache=True, nogil=True)
+def _run_attention(ctrl, job, q, k, v, pos, cell_pos, spans, scale, window, softcap, scores, out, n_threads):  # type: ignore[no-untyped-def]
+    """ops.attention_spans over a half-precision cache, its (row, head) pairs shared by the team.
+
+    Each pair is ops._attend with the same arguments the serial kernel gives it, so the result is
+    bit for bit the same; the caller checks shapes (compiled code does not check bounds).
+    Returns False, having done nothing, when the arrays do not fit (compiled code does not check bounds).
+    """
+    n, nh, hd = q.shape
+    ncell, nkv = k.shape[0], k.shape[1]
+    fits = (
+        v.shape == k.shape
+        and k.shape[2] == hd
+        and nkv > 0
+        and nh % nkv == 0
+        and out.shape == q.shape
+        and pos.shape[0] >= n
+        and spans.shape[0] >= n
+        and spans.shape[1] == 2
+        and cell_pos.shape[0] >= ncell
+        and scores.shape[0] >= n_threads
+        and q.strides[2] == 4
+        and q.strides[1] == 4 * hd
+        and q.strides[0] == 4 * hd * nh
+        and out.strides == q.strides
+        and k.strides[2] == 2
+        and k.strides[1] == 2 * hd
+        and k.strides[0] == 2 * hd * nkv
+        and v.strides == k.strides
+        and spans.strides[1] == 4
+        and spans.strides[0] == 8
+        and pos.strides[0] == 4
+        and cell_pos.strides[0] == 4
+        and scores.strides[1] == 4
+    )
+    for t in range(n):
+        if not fits:
+            break
+        fits = 0 <= spans[t, 0] <= spans[t, 1] <= ncell and spans[t, 1] - spans[t, 0] <= scores.shape[1]
+    if not fits:
+        return False
+    _retire(ctrl)
+    job[A_Q] = q.ctypes.data
+    job[A_K] = k.ctypes.data
+    job[A_V] = v.ctypes.data
+    job[A_POS] = pos.ctypes.data
+    job[A_CELL_POS] = cell_pos.ctypes.data
+    job[A_SPANS] = spans.ctypes.data
+    job[A_SCORES] = scores.ctypes.data
+    job[A_SCORES_STRIDE] = scores.strides[0]
+    job[A_OUT] = out.ctypes.data
+    job[A_N] = n
+    job[A_H] = nh
+    job[A_HKV] = k.shape[1]
+    job[A_HD] = hd
+    job[A_C] = k.shape[0]
+    job[A_WINDOW] = window
+    jf = job.view(np.float64)
+    jf[A_SCALE] = scale
+    jf[A_SOFTCAP] = softcap
+    # a few chunks per thread: an item is ~1 us at short contexts, and every claim is a contended
+    # cache line (one item per chunk made the team slower than one thread)
+    items = n * nh
+    per = max(1, (items + 4 * n_threads - 1) // (4 * n_threads))
+    n_chunks = (items + per - 1) // per
+    job[CHUNK_ROWS] = per
+    job[NCHUNKS] = n_chunks
+    job[KIND] = ATTENTION
+    _publish_and_work(ctrl, job, n_chunks)
+    return True
 
 
 class Team:
@@ -272,7 +446,7 @@ class Team:
         self.spin_limit = self._calibrate()
         for i in range(self.n_threads - 1):
             ev = threading.Event()
-            t = threading.Thread(target=self._loop, args=(ev,), name=f"lmap-team-{i + 1}", daemon=True)
+            t = threading.Thread(target=self._loop, args=(ev, i + 1), name=f"lmap-team-{i + 1}", daemon=True)
             self.wake.append(ev)
             self.threads.append(t)
             t.start()
@@ -284,8 +458,8 @@ class Team:
         per_spin = max((time.perf_counter() - t0) / 20000, 1e-9)
         return max(1000, int(self.IDLE_SECONDS / per_spin))
 
-    def _loop(self, ev: threading.Event) -> None:
-        while _serve(self.ctrl, self.job, self.spin_limit) == 0:
+    def _loop(self, ev: threading.Event, tid: int) -> None:
+        while _serve(self.ctrl, self.job, self.spin_limit, tid) == 0:
             ev.wait()
             ev.clear()
             atomic_add_py(self.ctrl, SLEEPERS, -1)
@@ -306,6 +480,16 @@ class Team:
         w2, o2 = (ws[2], outs[2]) if n > 2 else (w0, o0)
         w3, o3 = (ws[3], outs[3]) if n > 3 else (w0, o0)
         _run(self.ctrl, self.job, kernel, q8_k, x, q, d, s, w0, o0, w1, o1, w2, o2, w3, o3, n, self.n_threads)
+
+    def attention(self, q, k, v, pos, cell_pos, spans, scale, window, softcap, scores, out) -> None:  # type: ignore[no-untyped-def]
+        """ops.attention_spans (half-precision cache: k, v uint16) with its (row, head) pairs shared by the team."""
+        if self.ctrl[SLEEPERS] > 0:
+            for ev in self.wake:
+                ev.set()
+        if not _run_attention(
+            self.ctrl, self.job, q, k, v, pos, cell_pos, spans, scale, window, softcap, scores, out, self.n_threads
+        ):
+            raise ValueError("team attention: the arrays do not have the shapes the kernel needs")
 
     def stop(self) -> None:
         self.ctrl[STOP] = 1

@@ -16,7 +16,7 @@ from ..errors import GGUFError, UnsupportedModelError
 from ..gguf import GGUFFile
 from ..kernels import ops
 from ..kernels.attention import AttentionScratch, attention_batch
-from ..kernels.multivec import RowActs, matmul_rows, matmuls, on_team
+from ..kernels.multivec import RowActs, attention_spans, matmul_rows, matmuls, on_team
 from ..kv_cache import KVCache
 from ..quants import ActScratch, QMatrix
 from ..residency import NO_RESIDENCY, NoResidency
@@ -304,7 +304,7 @@ class Model:
             store_v(s.v[:n], kv.v[il], cells)
             cell_pos = kv.swa_pos if windowed else kv.full_pos
             spans = s.spans_swa[:n] if windowed else s.spans[:n]
-            ops.attention_spans(
+            attention_spans(
                 s.q[:n], kv.k[il], kv.v[il], pos, cell_pos, spans, sc, window, hp.attn_softcap, s.scores, s.att[:n]
             )
             return
