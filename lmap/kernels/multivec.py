@@ -27,7 +27,8 @@ class RowActs:
     """Activations of up to ``n_rows`` vectors quantized as the integer products expect.
 
     q int8 [n_rows, max_cols]; d, s float32 [n_rows, max_cols / 32] (Q8_0/Q8_1 scales and sums,
-    or Q8_K scales and block sums).
+    or Q8_K scales and block sums). Q8_0/Q8_1 scales are written block-major into the same
+    buffers ([nb, n_rows] over the first nb * n_rows floats; team._run, simd_multi._dots32).
     """
 
     def __init__(self, n_rows: int, max_cols: int) -> None:

@@ -294,10 +294,16 @@ def _run(ctrl, job, kernel, q8_k, x, xq, xd, xs, w0, o0, w1, o1, w2, o2, w3, o3,
         for j in range(n):
             quantize_q8_k(x[j], xq[j, :k], xd[j], xs[j])
         nb = k // 256
+        dst = xd.strides[0]
     else:
-        for j in range(n):
-            ops.quantize_q8(x[j], xq[j, :k], xd[j], xs[j])
+        # block-major scales: a block's scales of all rows are adjacent (simd_multi._dots32)
         nb = k // 32
+        rows = xd.shape[0]
+        xdt = xd.reshape(-1)[: nb * rows].reshape(nb, rows)
+        xst_ = xs.reshape(-1)[: nb * rows].reshape(nb, rows)
+        for j in range(n):
+            ops.quantize_q8(x[j], xq[j, :k], xdt[:, j], xst_[:, j])
+        dst = 4 * rows
     total = 0
     for m in range(nmat):
         total += ws[m].shape[0]
@@ -324,7 +330,7 @@ def _run(ctrl, job, kernel, q8_k, x, xq, xd, xs, w0, o0, w1, o1, w2, o2, w3, o3,
     job[XD] = xd.ctypes.data
     job[XS] = xs.ctypes.data
     job[XSTRIDE] = xq.strides[0]
-    job[DSTRIDE] = xd.strides[0]
+    job[DSTRIDE] = dst
     job[NMAT] = nmat
     job[KIND] = PRODUCTS
     _publish_and_work(ctrl, job, c0)
