@@ -111,10 +111,32 @@ class Job:
     def finished(self) -> bool:
         return self.n_finished >= self.n
 
-    def put(self, event: tuple[Any, ...]) -> None:
-        """Hand an event to the event loop (called from the worker thread)."""
-        with contextlib.suppress(RuntimeError):  # the loop is closing: nobody is listening any more
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+def _deliver(items: list[tuple[asyncio.Queue[tuple[Any, ...]], tuple[Any, ...]]]) -> None:
+    for q, event in items:
+        q.put_nowait(event)
+
+
+class Outbox:
+    """The events of one worker step, handed to each event loop in one wake-up.
+
+    ``call_soon_threadsafe`` writes to the loop's self-pipe, and the woken loop takes the GIL
+    while the worker waits to get it back after the write: per token, that hand-off cost the
+    worker ~0.2 ms at 4 slots (py-spy: 6 % of its time in ``_write_to_self``). One wake-up per
+    step keeps every event's order within its job.
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[tuple[Any, ...]], tuple[Any, ...]]]] = {}
+
+    def put(self, job: Job, event: tuple[Any, ...]) -> None:
+        self._items.setdefault(job.loop, []).append((job.events, event))
+
+    def flush(self) -> None:
+        items, self._items = self._items, {}
+        for loop, batch in items.items():
+            with contextlib.suppress(RuntimeError):  # the loop is closing: nobody is listening any more
+                loop.call_soon_threadsafe(_deliver, batch)
 
 
 class State(enum.Enum):
@@ -200,6 +222,7 @@ class Engine:
         self._pos = np.zeros(self.n_slots, np.int32)
         self._seqs = np.zeros(self.n_slots, np.int32)
         self._queue: deque[Job] = deque()
+        self._out = Outbox()
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -257,6 +280,8 @@ class Engine:
             except Exception as e:  # a bug must not take the worker down: fail what is in flight, go on
                 log.exception("engine step failed")
                 self._fail_all(e)
+            finally:
+                self._out.flush()
 
     def _warm_up(self) -> None:
         """Compile (or load) the batched-row kernels before the first request pays for it."""
@@ -297,7 +322,7 @@ class Engine:
             if slot.job is not None:
                 job = slot.job
                 job.cancelled = True
-                job.put(("error", e))
+                self._out.put(job, ("error", e))
                 self._release(slot)
                 slot.n_past = 0  # its cells may be half written
                 slot.prompt_len = -1
@@ -342,7 +367,7 @@ class Engine:
 
     def _fail(self, job: Job, e: Exception) -> None:
         job.cancelled = True
-        job.put(("error", e))
+        self._out.put(job, ("error", e))
         for s in self.slots:
             if s.job is job:
                 self._release(s)
@@ -468,7 +493,7 @@ class Engine:
         lp = [self._logprob(tok, logits, job.params.logprobs)] if job.params.logprobs is not None else None
         emit, matched = c.stop.feed(c.decoder.feed(tok))
         if emit or lp:
-            job.put(("text", c.index, emit, lp))
+            self._out.put(job, ("text", c.index, emit, lp))
         if matched or (c.matcher is not None and c.matcher.is_complete):
             self._finish(slot, "stop")
         elif c.n_gen >= c.budget:
@@ -494,8 +519,8 @@ class Engine:
             tail, _ = c.stop.feed(c.decoder.flush())
             rest = tail + c.stop.flush()
             if rest:
-                job.put(("text", c.index, rest, None))
-        job.put(("done", c.index, reason, c.n_gen))
+                self._out.put(job, ("text", c.index, rest, None))
+        self._out.put(job, ("done", c.index, reason, c.n_gen))
         job.n_finished += 1
         self._release(slot)
 
@@ -518,9 +543,9 @@ class Engine:
                 out.append((v / norm if norm > 0 else v).astype(np.float32))
                 n_tokens += int(ids.size)
         except Exception as e:
-            job.put(("error", e))
+            self._out.put(job, ("error", e))
         else:
-            job.put(("embeddings", out, n_tokens))
+            self._out.put(job, ("embeddings", out, n_tokens))
         finally:
             slot.n_past = 0  # its cells now hold the embedded text, not a cached prompt
             slot.prompt_len = -1
