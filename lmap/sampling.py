@@ -447,6 +447,18 @@ class Sampler:
         self.top_k = TopK(p.top_k)
         # top-k is handled inside sample() (it needs the sparse edits); these run on its survivors
         self.stages: list[Stage] = [TypicalP(p.typical_p), TopP(p.top_p), MinP(p.min_p), Temperature(p.temperature)]
+        # the common chain without edits goes through one compiled pass (lmap/kernels/sampling.py);
+        # it needs only top_k > 0 and top_p < 1 (sorted survivors: the same order as the chain's)
+        self._fast = (
+            not self.greedy
+            and p.top_k > 0
+            and p.top_p < 1.0
+            and p.typical_p >= 1.0
+            and p.temperature > 0.0
+            and not self.bias
+            and not self.penalties.enabled
+        )
+        self._fast_buf: tuple[np.ndarray, ...] | None = None
         self._gmax: np.ndarray | None = None
         self._full_ids: np.ndarray | None = None
         self._full_buf = np.empty(0, dtype=np.float32)
@@ -568,7 +580,21 @@ class Sampler:
         if self.greedy:
             ids, vals = self._edits(x, history)
             return self._greedy(x, ids, vals)
+        if self._fast and self.params.top_k < x.shape[0]:
+            return self._sample_fast(x)
         return self._draw(self._final(x, history))
+
+    def _sample_fast(self, x: np.ndarray) -> int:
+        from .kernels.sampling import CHUNK, sample_top_k
+
+        p = self.params
+        nch = -(-x.shape[0] // CHUNK)
+        if self._fast_buf is None or self._fast_buf[3].shape[0] != nch:
+            k = p.top_k
+            ids, vals, cum = np.empty(k, np.int64), np.empty(k, np.float64), np.empty(k, np.float64)
+            self._fast_buf = (ids, vals, cum, np.empty(nch, np.float32), np.empty(nch, np.float32))
+        u = self._rng.random()  # drawn first, as in _draw
+        return int(sample_top_k(x, p.top_k, p.top_p, p.min_p, p.temperature, u, *self._fast_buf))
 
     def distribution(
         self, logits: np.ndarray, history: Sequence[int] | np.ndarray = ()

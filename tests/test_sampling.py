@@ -433,3 +433,29 @@ def test_stop_matcher_never_leaks(text: str, stops: list[str], cuts: list[int]) 
     for piece in out:
         shown += piece
         assert expected.startswith(shown)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.sampled_from([2, 7, 63, 64, 65, 1000, 49152, 262144]),
+    k=st.integers(1, 120),
+    top_p=st.floats(0.01, 0.999),
+    min_p=st.sampled_from([0.0, 0.01, 0.05, 0.3, 1.0]),
+    temperature=st.sampled_from([0.1, 0.7, 1.0, 1.8]),
+    peaked=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_compiled_chain_draws_what_the_stages_draw(
+    n: int, k: int, top_p: float, min_p: float, temperature: float, peaked: bool, seed: int
+) -> None:
+    """Sampler.sample's one-pass kernel (no edits, top_k > 0, top_p < 1) picks the token the stage chain picks."""
+    rng = np.random.default_rng(seed)
+    x = (rng.permutation(n) * (20.0 / n) - 10.0).astype(np.float32)  # distinct: top-k ties may go either way
+    if peaked:
+        x[rng.choice(n, size=min(n, 5), replace=False)] += np.float32(15.0)
+    p = SamplingParams(top_k=k, top_p=top_p, min_p=min_p, temperature=temperature, seed=seed)
+    fast, chain = Sampler(p), Sampler(p)
+    chain._fast = False
+    assert fast._fast
+    for _ in range(20):
+        assert fast.sample(x) == chain.sample(x)
