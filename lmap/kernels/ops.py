@@ -309,6 +309,20 @@ def _attend(q, k, v, cell_pos, t, h, kh, p, c0, c1, sc, window, softcap, s, out)
             _acc_row(out, t, h, w, v, c0 + j, kh)
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _attend_span_item(q, k, v, pos, cell_pos, spans, i, sc, window, softcap, s, out):  # type: ignore[no-untyped-def]
+    """Item i = (row i // H, head i % H) of the one-row-per-sequence attention, over that row's span.
+
+    The serial, prange and team kernels all go through here, so a row's arithmetic cannot drift
+    between them.
+    """
+    nh = q.shape[1]
+    t = i // nh
+    h = i % nh
+    kh = h // (nh // k.shape[1])
+    _attend(q, k, v, cell_pos, t, h, kh, pos[t], spans[t, 0], spans[t, 1], sc, window, softcap, s, out)
+
+
 @njit(cache=True, fastmath=True, parallel=True)
 def attention_parallel(
     q: np.ndarray,  # [n, H, hd] float32
@@ -430,28 +444,9 @@ def attention_spans_parallel(
     Gives every query exactly the result :func:`attention` gives it over a view of its span.
     """
     n, nh, hd = q.shape
-    group = nh // k.shape[1]
     sc = np.float32(scale)
     for th in prange(n * nh):
-        t = th // nh
-        h = th % nh
-        _attend(
-            q,
-            k,
-            v,
-            cell_pos,
-            t,
-            h,
-            h // group,
-            pos[t],
-            spans[t, 0],
-            spans[t, 1],
-            sc,
-            window,
-            softcap,
-            scores[numba.get_thread_id()],
-            out,
-        )
+        _attend_span_item(q, k, v, pos, cell_pos, spans, th, sc, window, softcap, scores[numba.get_thread_id()], out)
 
 
 @njit(cache=True, fastmath=True)
@@ -470,28 +465,9 @@ def attention_spans_serial(
 ) -> None:
     """:func:`attention_spans_parallel` in one thread."""
     n, nh, hd = q.shape
-    group = nh // k.shape[1]
     sc = np.float32(scale)
     for th in range(n * nh):
-        t = th // nh
-        h = th % nh
-        _attend(
-            q,
-            k,
-            v,
-            cell_pos,
-            t,
-            h,
-            h // group,
-            pos[t],
-            spans[t, 0],
-            spans[t, 1],
-            sc,
-            window,
-            softcap,
-            scores[0],
-            out,
-        )
+        _attend_span_item(q, k, v, pos, cell_pos, spans, th, sc, window, softcap, scores[0], out)
 
 
 def attention_spans(

@@ -183,28 +183,9 @@ def _attend_chunk(job, c, tid):  # type: ignore[no-untyped-def]
     out = carray(_f32_ptr(job[A_OUT]), (n, nh, hd))
     jf = job.view(np.float64)
     sc = np.float32(jf[A_SCALE])
-    group = nh // nkv
     per = job[CHUNK_ROWS]
     for i in range(c * per, min((c + 1) * per, n * nh)):
-        t = i // nh
-        h = i % nh
-        ops._attend(
-            q,
-            k,
-            v,
-            cell_pos,
-            t,
-            h,
-            h // group,
-            pos[t],
-            spans[t, 0],
-            spans[t, 1],
-            sc,
-            job[A_WINDOW],
-            jf[A_SOFTCAP],
-            scores,
-            out,
-        )
+        ops._attend_span_item(q, k, v, pos, cell_pos, spans, i, sc, job[A_WINDOW], jf[A_SOFTCAP], scores, out)
 
 
 @njit(cache=True)
