@@ -155,7 +155,7 @@ def _spans_case(rng: np.random.Generator, n: int, nh: int, nkv: int, hd: int, pe
 
 
 @pytest.mark.parametrize("window,softcap", [(0, 0.0), (7, 0.0), (0, 30.0)])
-@pytest.mark.parametrize("n", [2, 3, 8])
+@pytest.mark.parametrize("n", [1, 2, 3, 8])
 def test_team_attention_equals_the_serial_kernel_bit_for_bit(n: int, window: int, softcap: float) -> None:
     from lmap.kernels import ops
 
@@ -172,6 +172,30 @@ def test_team_attention_equals_the_serial_kernel_bit_for_bit(n: int, window: int
             t.attention(q, k, v, pos, cell_pos, spans, 0.125, window, softcap, scores, got)
         finally:
             t.stop()
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("n_cells", [5, 300])
+def test_one_token_on_the_team_equals_decode_attention(n_cells: int) -> None:
+    """One token's heads shared by the team: the bits ops.attention (decode) gives, window and all."""
+    from lmap.kernels import ops
+    from lmap.kernels.multivec import attention_spans
+
+    rng = np.random.default_rng(n_cells)
+    C, nh, nkv, hd = 320, 9, 3, 64
+    q = rng.standard_normal((1, nh, hd)).astype(np.float32)
+    k = rng.standard_normal((C, nkv, hd)).astype(np.float16).view(np.uint16)
+    v = rng.standard_normal((C, nkv, hd)).astype(np.float16).view(np.uint16)
+    cell_pos = np.full(C, -1, np.int32)
+    cell_pos[:n_cells] = rng.permutation(n_cells)
+    pos = np.array([n_cells - 1], np.int32)
+    scores = np.zeros((8, C), np.float32)
+    for window in (0, 50):
+        want = np.zeros((1, nh, hd), np.float32)
+        ops.attention(q, k, v, pos, cell_pos, n_cells, 0.125, window, 0.0, scores, want)
+        got = np.full((1, nh, hd), np.nan, np.float32)
+        span = np.array([[0, n_cells]], np.int32)
+        attention_spans(q, k, v, pos, cell_pos, span, 0.125, window, 0.0, scores, got, min_rows=1)
         np.testing.assert_array_equal(got, want)
 
 

@@ -90,14 +90,16 @@ def attention_spans(
     softcap: float,
     scores: np.ndarray,
     out: np.ndarray,
+    min_rows: int = 2,
 ) -> None:
     """:func:`ops.attention_spans`, with the (row, head) pairs of several rows shared by the team.
 
     The server's decode step attends for every sequence at once; done serially that was a fifth
     of a 4-row step (SmolLM2: 2.2 of 11 ms) while the other thread spun idle. Prange's pool does
     not help here: its workers would compete with the spinning team for the same cores.
+    ``min_rows``: fewer rows go serially (one token over a long context passes 1).
     """
-    if q.shape[0] >= 2 and k.dtype == np.uint16 and v.dtype == np.uint16:
+    if q.shape[0] >= min_rows and k.dtype == np.uint16 and v.dtype == np.uint16:
         t = team(decode_threads())
         if t.n_threads > 1 and t.lock.acquire(blocking=False):
             try:

@@ -32,6 +32,12 @@ BATCH_ATTENTION = 8
 # stack's Q/K/V/gate/up: 8 tokens 15 vs 77 ms, 64 tokens 132 vs 146 ms, 96 tokens 176 vs 193 ms.
 TEAM_ROWS = 64
 
+# One token's attention goes to the team (its heads shared by the threads) when cached cells x
+# query heads reaches this; below, a team job's hand-off costs about what it saves (SmolLM2, one
+# layer, 2 threads: 64 cells 6.0 us serial vs 5.2 us team, 256 cells 19.8 vs 12.7, 1536 cells
+# 100 vs 80).
+TEAM_ATTENTION_WORK = 2048
+
 # which sequences a batch's rows belong to (see Model.forward)
 Seq = int | np.ndarray | None
 
@@ -313,6 +319,14 @@ class Model:
         store_v(s.v[:n], v, cells)
         if n >= BATCH_ATTENTION and s.attn is not None:
             attention_batch(s.q[:n], k, v, pos, m.cell_pos, m.n_used, sc, window, hp.attn_softcap, s.attn, s.att[:n])
+        elif n == 1 and m.n_used * hp.n_head >= TEAM_ATTENTION_WORK:
+            # one token over a long context: its heads shared by the team (the same _attend per
+            # head, so the same bits as the serial kernel), instead of one thread while one spins
+            span = s.spans[:1]
+            span[0, 0], span[0, 1] = 0, m.n_used
+            attention_spans(
+                s.q[:1], k, v, pos, m.cell_pos, span, sc, window, hp.attn_softcap, s.scores, s.att[:1], min_rows=1
+            )
         else:
             ops.attention(s.q[:n], k, v, pos, m.cell_pos, m.n_used, sc, window, hp.attn_softcap, s.scores, s.att[:n])
 
