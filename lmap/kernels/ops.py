@@ -310,8 +310,8 @@ def _attend(q, k, v, cell_pos, t, h, kh, p, c0, c1, sc, window, softcap, s, out)
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _attend_span_item(q, k, v, pos, cell_pos, spans, i, sc, window, softcap, s, out):  # type: ignore[no-untyped-def]
-    """Item i = (row i // H, head i % H) of the one-row-per-sequence attention, over that row's span.
+def _attend_item(q, k, v, pos, cell_pos, i, c0, c1, sc, window, softcap, s, out):  # type: ignore[no-untyped-def]
+    """Item i = (row i // H, head i % H) over cells [c0, c1): what every attention loop runs per item.
 
     The serial, prange and team kernels all go through here, so a row's arithmetic cannot drift
     between them.
@@ -320,7 +320,7 @@ def _attend_span_item(q, k, v, pos, cell_pos, spans, i, sc, window, softcap, s, 
     t = i // nh
     h = i % nh
     kh = h // (nh // k.shape[1])
-    _attend(q, k, v, cell_pos, t, h, kh, pos[t], spans[t, 0], spans[t, 1], sc, window, softcap, s, out)
+    _attend(q, k, v, cell_pos, t, h, kh, pos[t], c0, c1, sc, window, softcap, s, out)
 
 
 @njit(cache=True, fastmath=True, parallel=True)
@@ -343,28 +343,9 @@ def attention_parallel(
     so the cache can hold cells in any order (context shift, sliding windows).
     """
     n, nh, hd = q.shape
-    group = nh // k.shape[1]
     sc = np.float32(scale)
     for th in prange(n * nh):
-        t = th // nh
-        h = th % nh
-        _attend(
-            q,
-            k,
-            v,
-            cell_pos,
-            t,
-            h,
-            h // group,
-            pos[t],
-            0,
-            n_cells,
-            sc,
-            window,
-            softcap,
-            scores[numba.get_thread_id()],
-            out,
-        )
+        _attend_item(q, k, v, pos, cell_pos, th, 0, n_cells, sc, window, softcap, scores[numba.get_thread_id()], out)
 
 
 @njit(cache=True, fastmath=True)
@@ -383,28 +364,9 @@ def attention_serial(
 ) -> None:
     """:func:`attention_parallel` in one thread (one query token: decode)."""
     n, nh, hd = q.shape
-    group = nh // k.shape[1]
     sc = np.float32(scale)
     for th in range(n * nh):
-        t = th // nh
-        h = th % nh
-        _attend(
-            q,
-            k,
-            v,
-            cell_pos,
-            t,
-            h,
-            h // group,
-            pos[t],
-            0,
-            n_cells,
-            sc,
-            window,
-            softcap,
-            scores[0],
-            out,
-        )
+        _attend_item(q, k, v, pos, cell_pos, th, 0, n_cells, sc, window, softcap, scores[0], out)
 
 
 def attention(
@@ -446,7 +408,9 @@ def attention_spans_parallel(
     n, nh, hd = q.shape
     sc = np.float32(scale)
     for th in prange(n * nh):
-        _attend_span_item(q, k, v, pos, cell_pos, spans, th, sc, window, softcap, scores[numba.get_thread_id()], out)
+        t = th // nh
+        s = scores[numba.get_thread_id()]
+        _attend_item(q, k, v, pos, cell_pos, th, spans[t, 0], spans[t, 1], sc, window, softcap, s, out)
 
 
 @njit(cache=True, fastmath=True)
@@ -467,7 +431,8 @@ def attention_spans_serial(
     n, nh, hd = q.shape
     sc = np.float32(scale)
     for th in range(n * nh):
-        _attend_span_item(q, k, v, pos, cell_pos, spans, th, sc, window, softcap, scores[0], out)
+        t = th // nh
+        _attend_item(q, k, v, pos, cell_pos, th, spans[t, 0], spans[t, 1], sc, window, softcap, scores[0], out)
 
 
 def attention_spans(

@@ -185,7 +185,9 @@ def _attend_chunk(job, c, tid):  # type: ignore[no-untyped-def]
     sc = np.float32(jf[A_SCALE])
     per = job[CHUNK_ROWS]
     for i in range(c * per, min((c + 1) * per, n * nh)):
-        ops._attend_span_item(q, k, v, pos, cell_pos, spans, i, sc, job[A_WINDOW], jf[A_SOFTCAP], scores, out)
+        t = i // nh
+        c0, c1 = spans[t, 0], spans[t, 1]
+        ops._attend_item(q, k, v, pos, cell_pos, i, c0, c1, sc, job[A_WINDOW], jf[A_SOFTCAP], scores, out)
 
 
 @njit(cache=True)
