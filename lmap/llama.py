@@ -190,8 +190,13 @@ class Llama:
     def _warm_up(self) -> None:
         """Compile (or load from Numba's cache) every kernel a forward pass uses, before timing starts."""
         t = time.perf_counter()
-        for n in (1, min(2, self.n_batch)):
-            self._forward(np.zeros(n, np.int32), 0)
+        m = self._model
+        m.team_attention_work = 0  # also the team's one-token attention, which long contexts take
+        try:
+            for n in (1, min(2, self.n_batch)):
+                self._forward(np.zeros(n, np.int32), 0)
+        finally:
+            del m.team_attention_work
         self._kv.clear()
         dt = time.perf_counter() - t
         if dt > 5:

@@ -230,6 +230,7 @@ class Model:
     arch = ""
     neox_rope = False
     residency: NoResidency = NO_RESIDENCY  # weight streaming hooks (lmap/residency.py): no-op without a budget
+    team_attention_work = TEAM_ATTENTION_WORK  # 0 while warming up: every kernel loaded before the first token
 
     def __init__(self, g: GGUFFile, hp: HParams) -> None:
         self.g = g
@@ -319,7 +320,7 @@ class Model:
         store_v(s.v[:n], v, cells)
         if n >= BATCH_ATTENTION and s.attn is not None:
             attention_batch(s.q[:n], k, v, pos, m.cell_pos, m.n_used, sc, window, hp.attn_softcap, s.attn, s.att[:n])
-        elif n == 1 and m.n_used * hp.n_head >= TEAM_ATTENTION_WORK:
+        elif n == 1 and m.n_used * hp.n_head >= self.team_attention_work:
             # one token over a long context: its heads shared by the team (the same _attend per
             # head, so the same bits as the serial kernel), instead of one thread while one spins
             span = s.spans[:1]

@@ -284,11 +284,15 @@ class Engine:
                 self._out.flush()
 
     def _warm_up(self) -> None:
-        """Compile (or load) the batched-row kernels before the first request pays for it."""
-        n = min(2, self.n_slots)
-        ids = np.zeros(n, np.int32)
-        self.model.forward(ids, np.zeros(n, np.int32), self.s, self.kv, True, seq=np.arange(n, dtype=np.int32))
-        self.kv.clear()
+        """Compile (or load) the batched-row kernels before the first request pays for it.
+
+        One row and two take different attention kernels (serial, team): both are loaded here,
+        so RSS does not step up the first time a lone request decodes.
+        """
+        for n in sorted({1, min(2, self.n_slots)}):
+            ids = np.zeros(n, np.int32)
+            self.model.forward(ids, np.zeros(n, np.int32), self.s, self.kv, True, seq=np.arange(n, dtype=np.int32))
+            self.kv.clear()
 
     def _active(self) -> bool:
         return any(s.state is not State.FREE for s in self.slots)
