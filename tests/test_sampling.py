@@ -443,16 +443,23 @@ def test_stop_matcher_never_leaks(text: str, stops: list[str], cuts: list[int]) 
     min_p=st.sampled_from([0.0, 0.01, 0.05, 0.3, 1.0]),
     temperature=st.sampled_from([0.1, 0.7, 1.0, 1.8]),
     peaked=st.booleans(),
+    banned=st.sampled_from([0.0, 0.5, 0.999]),
     seed=st.integers(0, 2**16),
 )
 def test_compiled_chain_draws_what_the_stages_draw(
-    n: int, k: int, top_p: float, min_p: float, temperature: float, peaked: bool, seed: int
+    n: int, k: int, top_p: float, min_p: float, temperature: float, peaked: bool, banned: float, seed: int
 ) -> None:
-    """Sampler.sample's one-pass kernel (no edits, top_k > 0, top_p < 1) picks the token the stage chain picks."""
+    """Sampler.sample's one-pass kernel (no edits, top_k > 0, top_p < 1) picks the token the stage chain picks.
+
+    ``banned``: the share of logits set to -inf, as a grammar's mask leaves them.
+    """
     rng = np.random.default_rng(seed)
     x = (rng.permutation(n) * (20.0 / n) - 10.0).astype(np.float32)  # distinct: top-k ties may go either way
     if peaked:
         x[rng.choice(n, size=min(n, 5), replace=False)] += np.float32(15.0)
+    if banned:  # (with every token banned, which one comes back is a tie: either may)
+        x[rng.random(n) < banned] = -np.inf
+        x[rng.integers(n)] = np.float32(1.0)  # at least one token stays allowed
     p = SamplingParams(top_k=k, top_p=top_p, min_p=min_p, temperature=temperature, seed=seed)
     fast, chain = Sampler(p), Sampler(p)
     chain._fast = False
