@@ -455,11 +455,13 @@ def test_compiled_chain_draws_what_the_stages_draw(
     """
     rng = np.random.default_rng(seed)
     x = (rng.permutation(n) * (20.0 / n) - 10.0).astype(np.float32)  # distinct: top-k ties may go either way
-    if peaked:
-        x[rng.choice(n, size=min(n, 5), replace=False)] += np.float32(15.0)
+    if peaked:  # + 15 and half a grid step: a peak never lands on another logit's value
+        x[rng.choice(n, size=min(n, 5), replace=False)] += np.float32(15.0 + 10.0 / n)
     if banned:  # (with every token banned, which one comes back is a tie: either may)
+        keep = int(rng.integers(n))
+        kept = x[keep]
         x[rng.random(n) < banned] = -np.inf
-        x[rng.integers(n)] = np.float32(1.0)  # at least one token stays allowed
+        x[keep] = kept  # at least one token stays allowed, its logit still distinct
     p = SamplingParams(top_k=k, top_p=top_p, min_p=min_p, temperature=temperature, seed=seed)
     fast, chain = Sampler(p), Sampler(p)
     chain._fast = False
