@@ -342,7 +342,7 @@ def attention_parallel(
     Keys are visible to a query when 0 <= cell_pos <= pos (and within the window),
     so the cache can hold cells in any order (context shift, sliding windows).
     """
-    n, nh, hd = q.shape
+    n, nh, _ = q.shape
     sc = np.float32(scale)
     for th in prange(n * nh):
         _attend_item(q, k, v, pos, cell_pos, th, 0, n_cells, sc, window, softcap, scores[numba.get_thread_id()], out)
@@ -363,7 +363,7 @@ def attention_serial(
     out: np.ndarray,  # [n, H, hd]
 ) -> None:
     """:func:`attention_parallel` in one thread (one query token: decode)."""
-    n, nh, hd = q.shape
+    n, nh, _ = q.shape
     sc = np.float32(scale)
     for th in range(n * nh):
         _attend_item(q, k, v, pos, cell_pos, th, 0, n_cells, sc, window, softcap, scores[0], out)
@@ -405,7 +405,7 @@ def attention_spans_parallel(
 
     Gives every query exactly the result :func:`attention` gives it over a view of its span.
     """
-    n, nh, hd = q.shape
+    n, nh, _ = q.shape
     sc = np.float32(scale)
     for th in prange(n * nh):
         t = th // nh
@@ -428,7 +428,7 @@ def attention_spans_serial(
     out: np.ndarray,  # [n, H, hd]
 ) -> None:
     """:func:`attention_spans_parallel` in one thread."""
-    n, nh, hd = q.shape
+    n, nh, _ = q.shape
     sc = np.float32(scale)
     for th in range(n * nh):
         t = th // nh

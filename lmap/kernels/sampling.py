@@ -104,6 +104,15 @@ def _top_k(x: np.ndarray, k: int, ids: np.ndarray, vals: np.ndarray, cmax: np.nd
     return m
 
 
+@njit(cache=True, inline="always")
+def _cum_weights(vals: np.ndarray, n: int, cum: np.ndarray) -> None:
+    """cum[:n] = running sums of exp(vals[i] - vals[0]) (vals sorted descending), as np.cumsum sums."""
+    s = 0.0
+    for i in range(n):
+        s += math.exp(vals[i] - vals[0])
+        cum[i] = s
+
+
 @njit(cache=True)
 def sample_top_k(
     x: np.ndarray,  # [n_vocab] float32 logits
@@ -123,10 +132,7 @@ def sample_top_k(
     if n == 0 or vals[0] == -math.inf:  # nothing to weigh (the chain's draw takes the first too)
         return ids[0] if n else 0
     if top_p < 1.0 and n > 1:
-        s = 0.0
-        for i in range(n):
-            s += math.exp(vals[i] - vals[0])
-            cum[i] = s
+        _cum_weights(vals, n, cum)
         target = top_p * cum[n - 1]
         last = 0
         while last < n and cum[last] < target:  # searchsorted(cum, target, "left")
@@ -144,10 +150,7 @@ def sample_top_k(
             vals[i] = vals[i] / temperature
     if n == 1:
         return ids[0]
-    s = 0.0
-    for i in range(n):
-        s += math.exp(vals[i] - vals[0])
-        cum[i] = s
+    _cum_weights(vals, n, cum)
     target = u * cum[n - 1]
     i = 0
     while i < n and cum[i] <= target:  # searchsorted(cum, target, "right")

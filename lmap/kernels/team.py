@@ -351,9 +351,9 @@ def _publish_and_work(ctrl, job, n_chunks):  # type: ignore[no-untyped-def]
 def _run_attention(ctrl, job, q, k, v, pos, cell_pos, spans, scale, window, softcap, scores, out, n_threads):  # type: ignore[no-untyped-def]
     """ops.attention_spans over a half-precision cache, its (row, head) pairs shared by the team.
 
-    Each pair is ops._attend with the same arguments the serial kernel gives it, so the result is
-    bit for bit the same; the caller checks shapes (compiled code does not check bounds).
-    Returns False, having done nothing, when the arrays do not fit (compiled code does not check bounds).
+    Each pair is ops._attend_item with the same arguments the serial kernel gives it, so the
+    result is bit for bit the same. Compiled code does not check bounds, so the shapes and strides
+    are checked here first: returns False, having done nothing, when the arrays do not fit.
     """
     n, nh, hd = q.shape
     ncell, nkv = k.shape[0], k.shape[1]
