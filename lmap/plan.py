@@ -187,6 +187,11 @@ def scratch_buffers(
     nb32 = max(max_cols // 32, 1)
     if activations == "q8":
         out.append(Buffer("scratch", "quantized activations", B * max_cols * f4 + max_cols + 2 * nb32 * f4))
+        from .quants import panels
+
+        if panels.VNNI512:
+            nbytes = n_threads * panels.panel_bytes(max_cols) + 8
+            out.append(Buffer("scratch", "weight panels", nbytes, detail=f"[{n_threads} threads] int8 prompt GEMM"))
         rows = max(n_seq, min(B, TEAM_ROWS))
         out.append(Buffer("scratch", "decode activations (int8)", rows * (max_cols + 2 * nb32 * f4)))
     if B >= BATCH_ATTENTION:

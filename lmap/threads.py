@@ -8,10 +8,14 @@ to reach OpenBLAS / MKL / BLIS pools from Python.
 
 from __future__ import annotations
 
-import numba
-from threadpoolctl import threadpool_info, threadpool_limits
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
-__all__ = ["set_threads", "blas_threads", "decode_threads"]
+import numba
+from threadpoolctl import ThreadpoolController, threadpool_info, threadpool_limits
+
+__all__ = ["set_threads", "blas_threads", "blas_single", "decode_threads"]
 
 # Decode's spinning team (kernels/team.py) is sized by this, process-wide: numba.get_num_threads()
 # is per calling thread and costs ~2 µs, too much to ask at each of a token's ~150 products.
@@ -40,3 +44,22 @@ def blas_threads() -> int | None:
         if pool.get("user_api") == "blas":
             return int(pool["num_threads"])
     return None
+
+
+_blas_libs: list[Any] | None = None
+
+
+@contextmanager
+def blas_single() -> Iterator[None]:
+    """BLAS on one thread inside the block, restored after (a ~1 us call per pool, not threadpoolctl's scan)."""
+    global _blas_libs
+    if _blas_libs is None:
+        _blas_libs = ThreadpoolController().select(user_api="blas").lib_controllers
+    before = [lib.num_threads for lib in _blas_libs]
+    for lib in _blas_libs:
+        lib.set_num_threads(1)
+    try:
+        yield
+    finally:
+        for lib, n in zip(_blas_libs, before, strict=True):
+            lib.set_num_threads(n)

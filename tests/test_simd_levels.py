@@ -35,6 +35,19 @@ for fmt in sorted(CHUNKS):
         y = np.zeros((n, w.rows), np.float32)
         matmuls([(w, y)], x[:n], RowActs(4, 512))
         out[f"{{fmt}}-{{n}}"] = y
+# the prompt GEMM: VNNI on zmm under auto (where the host has it), portable vector IR otherwise
+from lmap.quants import panels
+xp = np.random.default_rng(5).standard_normal((7, 512)).astype(np.float32)
+for fmt in ("Q8_0", "Q4_1", "Q4_K", "Q6_K"):
+    fid, sub = panels.FORMATS[fmt]
+    w = matrix(fmt, 48, 512, 2)
+    xq = np.zeros((7, 512), np.int8)
+    dx = np.zeros((7, 512 // sub), np.float32)
+    xs = np.zeros_like(dx)
+    panels.quantize_rows(xp, fid, xq, dx, xs)
+    y = np.zeros((7, 48), np.float32)
+    panels.gemm(fid, w.data, xq, dx, xs, y, np.zeros((2, panels.panel_bytes(512)), np.uint8), np.zeros(1, np.int64), 2)
+    out[f"gemm-{{fmt}}"] = y
 np.savez({path!r}, **out)
 """
 

@@ -102,3 +102,41 @@ def test_integer_matvec_uses_avx2_int8_madd(fmt: str) -> None:
     assert not VNNI or fmt.endswith("_K") or fmt == "IQ4_XS", f"{fmt}: VNNI host but no vpdpbusd"
     assert re.search(r"\bvpmaddubsw\b[^\n]*%ymm", asm), f"{fmt} integer matvec lost its vpmaddubsw"
     assert re.search(r"\bvpmaddwd\b[^\n]*%ymm", asm)
+
+
+def test_prompt_gemm_uses_512_bit_vnni() -> None:
+    """The integer prompt GEMM's micro-kernel: vpdpbusd on zmm where the host has AVX512-VNNI."""
+    from lmap.kernels.igemm import PANEL, VNNI512
+
+    if not VNNI512:
+        pytest.skip("no AVX512-VNNI here: the prompt path keeps dequantized tiles + BLAS")
+    kernel = PANEL[(32, 2)]
+
+    @numba.njit
+    def call(w, a, b, x, d, s, out):  # type: ignore[no-untyped-def]
+        kernel(
+            w.ctypes.data,
+            a.ctypes.data,
+            b.ctypes.data,
+            x.ctypes.data,
+            64,
+            d.ctypes.data,
+            s.ctypes.data,
+            8,
+            out.ctypes.data,
+            128,
+            4,
+            2,
+        )
+
+    call(
+        np.zeros(64 * 32, np.uint8),
+        np.zeros(64, np.float32),
+        np.zeros(64, np.float32),
+        np.zeros((4, 64), np.int8),
+        np.zeros((4, 2), np.float32),
+        np.zeros((4, 2), np.float32),
+        np.zeros((4, 32), np.float32),
+    )
+    asm = "\n".join(call.inspect_asm().values())
+    assert re.search(r"\bvpdpbusd\b[^\n]*%zmm", asm), "the panel kernel lost its 512-bit vpdpbusd"

@@ -96,3 +96,80 @@ def round_q8_k_block(typingctx, x_addr, out_addr):  # type: ignore[no-untyped-de
         return context.get_dummy_value()
 
     return types.void(types.int64, types.int64), codegen
+
+
+def _store_sums(builder: ir.IRBuilder, qf: ir.Value, n: int, sub: int, d: ir.Value, dx: ir.Value, xs: ir.Value) -> None:
+    """dx[i] = d and xs[i] = d * (sum of sub-block i's q) for the n // sub sub-blocks of qf (exact integers)."""
+    qi = builder.fptosi(qf, ir.VectorType(ir.IntType(32), n))
+    vt = ir.VectorType(ir.IntType(32), sub)
+    reduce = _fn(builder, f"llvm.vector.reduce.add.v{sub}i32", ir.IntType(32), [vt])
+    for i in range(n // sub):
+        part = builder.shuffle_vector(qi, qi, ir.Constant(vt, list(range(i * sub, (i + 1) * sub))))
+        s = builder.sitofp(builder.call(reduce, [part]), _f32)
+        builder.store(d, builder.inttoptr(builder.add(dx, _c64(4 * i)), _f32.as_pointer()), align=4)
+        builder.store(builder.fmul(d, s), builder.inttoptr(builder.add(xs, _c64(4 * i)), _f32.as_pointer()), align=4)
+
+
+def _store_q(builder: ir.IRBuilder, qf: ir.Value, n: int, addr: ir.Value) -> None:
+    vt = ir.VectorType(ir.IntType(8), n)
+    builder.store(builder.fptosi(qf, vt), builder.inttoptr(addr, vt.as_pointer()), align=1)
+
+
+@intrinsic
+def quant_q8_block(typingctx, x_addr, q_addr, dx_addr, xs_addr):  # type: ignore[no-untyped-def]
+    """The 32 floats at x_addr quantized as :func:`round_q8_block` rounds them, kept as integers.
+
+    Writes int8 q[32], the f16-rounded scale d (as float32) to dx, and d * sum(q) to xs: the
+    operands of the integer prompt GEMM (lmap.kernels.igemm); d * q is round_q8_block's output.
+    """
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        n = 32
+        x, _, amax = _block(builder, args[0], n)
+        d = builder.fdiv(amax, ir.Constant(_f32, 127.0))
+        nonzero = builder.fcmp_ordered("!=", d, ir.Constant(_f32, 0.0))
+        inv = builder.select(nonzero, builder.fdiv(ir.Constant(_f32, 1.0), d), ir.Constant(_f32, 0.0))
+        dh = builder.fpext(builder.fptrunc(d, ir.HalfType()), _f32)
+        q = _rint(builder, builder.fmul(x, _splat(builder, inv, n)), n)
+        _store_q(builder, q, n, args[1])
+        _store_sums(builder, q, n, 32, dh, args[2], args[3])
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+
+
+def _quant_q8_k(sub: int):  # type: ignore[no-untyped-def]
+    def quant(typingctx, x_addr, q_addr, dx_addr, xs_addr):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            n = 256
+            x, ax, amax = _block(builder, args[0], n)
+            hits = builder.bitcast(builder.fcmp_ordered("==", ax, _splat(builder, amax, n)), ir.IntType(n))
+            first = builder.call(
+                _fn(builder, f"llvm.cttz.i{n}", ir.IntType(n), [ir.IntType(n), _i1]), [hits, ir.Constant(_i1, 0)]
+            )
+            lane = builder.trunc(first, ir.IntType(64))
+            mx = builder.load(
+                builder.inttoptr(builder.add(args[0], builder.mul(lane, _c64(4))), _f32.as_pointer()), align=4
+            )
+            zero = builder.fcmp_ordered("==", amax, ir.Constant(_f32, 0.0))
+            iscale = builder.fdiv(ir.Constant(_f32, -127.0), mx)
+            d = builder.select(zero, ir.Constant(_f32, 0.0), builder.fdiv(ir.Constant(_f32, 1.0), iscale))
+            q = _rint(builder, builder.fmul(_splat(builder, iscale, n), x), n)
+            vt = ir.VectorType(_f32, n)
+            minnum = _fn(builder, f"llvm.minnum.v{n}f32", vt, [vt, vt])
+            q = builder.call(minnum, [q, _splat(builder, ir.Constant(_f32, 127.0), n)])
+            q = builder.select(zero, ir.Constant(vt, None), q)
+            _store_q(builder, q, n, args[1])
+            _store_sums(builder, q, n, sub, d, args[2], args[3])
+            return context.get_dummy_value()
+
+        return types.void(types.int64, types.int64, types.int64, types.int64), codegen
+
+    quant.__name__ = quant.__qualname__ = f"quant_q8_k_block_s{sub}"
+    return intrinsic(quant)
+
+
+# The 256 floats at x_addr quantized as round_q8_k_block rounds them: int8 q[256], and per
+# sub-block of 32 (K-quants with 32-weight scales) or 16 (Q6_K) the scale d and d * sum(q).
+quant_q8_k_block_s32 = _quant_q8_k(32)
+quant_q8_k_block_s16 = _quant_q8_k(16)

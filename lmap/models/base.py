@@ -7,6 +7,7 @@ the few lines of its own ``forward``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields
 
 import numba
@@ -18,8 +19,9 @@ from ..kernels import ops
 from ..kernels.attention import AttentionScratch, attention_batch
 from ..kernels.multivec import RowActs, attention_spans, matmul_rows, matmuls, on_team
 from ..kv_cache import KVCache
-from ..quants import ActScratch, QMatrix
+from ..quants import ActScratch, QMatrix, panels
 from ..residency import NO_RESIDENCY, NoResidency
+from ..threads import blas_single
 
 # Batches of at least this many queries attend through BLAS products; below it the per-query
 # kernel wins (smollm2 head shapes, 512 cached cells: 8 queries 1.9 ms per-query vs 0.5 ms batched;
@@ -270,19 +272,26 @@ class Model:
             for w, out in pairs:
                 _matmul(w, x, out, s, rows)
             return
-        # prompt tiles: round the shared input once per rounding kind, not once per matrix
+        # prompt tiles: quantize or round the shared input once per kind, not once per matrix
         by_kind: dict[object, list[tuple[QMatrix, np.ndarray]]] = {}
         for w, out in pairs:
-            by_kind.setdefault(w.k.activation, []).append((w, out))
+            integer = w.fid >= 0 and s.xq.panels is not None
+            by_kind.setdefault(panels.act_class(w.fid) if integer else w.k.activation, []).append((w, out))
         xr = s.xq.f32[: x.size].reshape(x.shape)
         for kind, group in by_kind.items():
             if kind is None or len(group) == 1:
                 for w, out in group:
                     w.matmul(x, out, s.tile, s.xq)
-                continue
-            kind(x, xr)  # type: ignore[operator]
-            for w, out in group:
-                w.matmul(xr, out, s.tile, None)  # the same product w.matmul(x, ..., s.xq) makes
+            elif isinstance(kind, int):  # integer panel GEMM: one quantization for the group
+                w0 = group[0][0]
+                xq, dx, xs = s.xq.int8(x.shape[0], w0.cols, panels.FORMATS[w0.format.name][1])
+                panels.quantize_rows(x, w0.fid, xq, dx, xs)
+                for w, out in group:
+                    w.matmul_q8(xq, dx, xs, out, s.xq)
+            else:
+                kind(x, xr)  # type: ignore[operator]
+                for w, out in group:
+                    w.matmul(xr, out, s.tile, None)  # the same product w.matmul(x, ..., s.xq) makes
 
     def attention(
         self,
@@ -391,8 +400,35 @@ class Model:
         sequence's arithmetic exactly that of decoding it alone).
         Returns logits for every token (``all_logits``) or the last one, as a view of scratch
         (with ``hidden``: the normed final hidden states instead, see :meth:`logits`).
+
+        A prompt batch whose products all run as integer panel GEMMs (quants/panels.py) keeps
+        BLAS (left to attention) on one thread meanwhile: OpenBLAS's idle workers spin for
+        ~0.1 s after each call, on the cores the panel GEMM's threads need (gemma3 pp512 at
+        -t 2: 342 -> 250 ms).
         """
+        if tokens.shape[0] > TEAM_ROWS and s.xq is not None and s.xq.panels is not None and self.integer_prompts:
+            with blas_single():
+                return self._forward(tokens, pos, s, kv, all_logits, seq, hidden)
+        return self._forward(tokens, pos, s, kv, all_logits, seq, hidden)
+
+    def _forward(
+        self,
+        tokens: np.ndarray,
+        pos: np.ndarray,
+        s: Scratch,
+        kv: KVCache,
+        all_logits: bool,
+        seq: Seq = None,
+        hidden: bool = False,
+    ) -> np.ndarray:
+        """The architecture's forward pass (see :meth:`forward`)."""
         raise NotImplementedError
+
+    @functools.cached_property
+    def integer_prompts(self) -> bool:
+        """True when every layer matrix takes the integer panel GEMM in prompt batches."""
+        mats = [m for L in getattr(self, "layers", []) for m in vars(L).values() if isinstance(m, QMatrix)]
+        return bool(mats) and all(m.fid >= 0 for m in mats)
 
 
 def check_tensor_shapes(model: Model) -> None:

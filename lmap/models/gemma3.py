@@ -73,7 +73,7 @@ class Gemma3(Model):
         # local layers rotate with their own base and no scaling (see forward)
         return (self.hp.rope_freq_base_swa, 1.0) if self._swa[il] else super().rope_params(il)
 
-    def forward(
+    def _forward(
         self,
         tokens: np.ndarray,
         pos: np.ndarray,

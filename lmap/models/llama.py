@@ -41,7 +41,7 @@ class Llama(Model):
         super().__init__(g, hp)
         self.layers = [Layer(self, i) for i in range(hp.n_layer)]
 
-    def forward(
+    def _forward(
         self,
         tokens: np.ndarray,
         pos: np.ndarray,

@@ -11,12 +11,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numba
 import numpy as np
 
 from .. import kernels as _kernels  # noqa: F401  (threading layer set-up before numba compiles)
 from ..errors import UnsupportedModelError
 from ..kernels import ops
-from . import floats, iq4, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
+from . import floats, iq4, panels, q2_k, q3_k, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0
 from .formats import FORMATS, FORMATS_BY_NAME, BlockFormat
 from .q8_k import quantize_q8_k, round_q8_k
 
@@ -38,10 +39,32 @@ class ActScratch:
         self.q = np.zeros(max_cols, np.int8)
         self.d = np.zeros(max(max_cols // 32, 1), np.float32)
         self.s = np.zeros(max(max_cols // 32, 1), np.float32)
+        # the integer prompt GEMM (panels.py): one weight panel per thread, where the CPU runs it
+        self.panels = (
+            np.zeros((numba.config.NUMBA_NUM_THREADS, panels.panel_bytes(max_cols)), np.uint8)
+            if panels.VNNI512
+            else None
+        )
+        self.counter = np.zeros(1, np.int64)
 
     @property
     def nbytes(self) -> int:
-        return self.f32.nbytes + self.q.nbytes + self.d.nbytes + self.s.nbytes
+        extra = self.panels.nbytes + self.counter.nbytes if self.panels is not None else 0
+        return self.f32.nbytes + self.q.nbytes + self.d.nbytes + self.s.nbytes + extra
+
+    def int8(self, n: int, k: int, sub: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Views (xq int8 [n, k], dx, xs float32 [n, k / sub]) for the integer prompt GEMM.
+
+        They share ``f32``'s memory (1.5 bytes per activation of its 4), which the integer path
+        does not otherwise use, so the plan has no buffer for them.
+        """
+        raw = self.f32.view(np.uint8)
+        ns = k // sub
+        xq = raw[: n * k].view(np.int8).reshape(n, k)
+        at = -(-n * k // 4) * 4
+        dx = raw[at : at + 4 * n * ns].view(np.float32).reshape(n, ns)
+        xs = raw[at + 4 * n * ns : at + 8 * n * ns].view(np.float32).reshape(n, ns)
+        return xq, dx, xs
 
 
 @dataclass(frozen=True)
@@ -84,7 +107,7 @@ class QMatrix:
     except rows gathered on demand and tiles during prefill.
     """
 
-    __slots__ = ("name", "format", "rows", "cols", "data", "k")
+    __slots__ = ("name", "format", "rows", "cols", "data", "k", "fid")
 
     def __init__(self, info: TensorInfo, raw: np.ndarray) -> None:
         if len(info.shape) != 2:
@@ -103,6 +126,8 @@ class QMatrix:
         self.data = (
             raw.reshape(self.rows, -1).view(k.view_dtype) if raw.dtype != k.view_dtype else raw.reshape(self.rows, -1)
         )
+        # >= 0: prompt products go through the integer panel GEMM (panels.py) with this format id
+        self.fid = panels.format_id(info.format.name, self.rows, self.cols)
 
     @property
     def nbytes(self) -> int:
@@ -137,6 +162,11 @@ class QMatrix:
                 self.k.quantize(x[0], q, d, s)
                 self.k.matvec_q8(self.data, q, d, s, out[0])
                 return
+            if self.fid >= 0 and act.panels is not None:
+                xq, dx, xs = act.int8(x.shape[0], self.cols, panels.FORMATS[self.format.name][1])
+                panels.quantize_rows(x, self.fid, xq, dx, xs)
+                self.matmul_q8(xq, dx, xs, out, act)
+                return
             xr = act.f32[: x.size].reshape(x.shape)
             self.k.activation(x, xr)
             x = xr
@@ -149,6 +179,10 @@ class QMatrix:
             r1 = min(r0 + th, self.rows)
             self.k.dequantize_rows(self.data, r0, r1, buf)
             np.matmul(x, buf[: r1 - r0].T, out=out[:, r0:r1])
+
+    def matmul_q8(self, xq: np.ndarray, dx: np.ndarray, xs: np.ndarray, out: np.ndarray, act: ActScratch) -> None:
+        """out[n, rows] = activations quantized by panels.quantize_rows (for this format) @ W.T, in integers."""
+        panels.gemm(self.fid, self.data, xq, dx, xs, out, act.panels, act.counter, numba.get_num_threads())
 
     def __repr__(self) -> str:
         return f"QMatrix({self.name!r}, {self.format.name}, [{self.rows}, {self.cols}])"
