@@ -33,6 +33,10 @@ BATCH_ATTENTION = 8
 # dequantization of every matrix does not pay for few tokens. SmolLM2, 2 threads, a layer
 # stack's Q/K/V/gate/up: 8 tokens 15 vs 77 ms, 64 tokens 132 vs 146 ms, 96 tokens 176 vs 193 ms.
 TEAM_ROWS = 64
+# Prompt batches of more rows than this take the integer panel GEMM where every matrix can:
+# packing a panel costs the same for any row count, and at 16 rows it already matches the
+# team's row kernels (SmolLM2, 2 threads: 26.9 vs 25.7 ms a forward; 49 rows: 33 vs 71 ms).
+PANEL_ROWS = 16
 
 # One token's attention goes to the team (its heads shared by the threads) when cached cells x
 # query heads reaches this; below, a team job's hand-off costs about what it saves (SmolLM2, one
@@ -217,8 +221,17 @@ def _team_rows(x: np.ndarray, s: Scratch, rows: bool) -> bool:
     return s.acts is not None and (rows or n <= TEAM_ROWS) and n <= s.acts.q.shape[0]
 
 
+def _panel_rows(x: np.ndarray, s: Scratch, rows: bool, ws: list[QMatrix]) -> bool:
+    """A prompt batch past PANEL_ROWS whose matrices all take the integer panel GEMM (quants/panels.py)."""
+    if rows or x.shape[0] <= PANEL_ROWS or s.xq is None or s.xq.panels is None:
+        return False
+    return all(w.fid >= 0 for w in ws)
+
+
 def _matmul(w: QMatrix, x: np.ndarray, out: np.ndarray, s: Scratch, rows: bool) -> None:
-    if _team_rows(x, s, rows) and on_team(w, s.xq):
+    if _panel_rows(x, s, rows, [w]):
+        w.matmul(x, out, s.tile, s.xq)  # prompt: int8 panel GEMM
+    elif _team_rows(x, s, rows) and on_team(w, s.xq):
         matmuls([(w, out)], x, s.acts)  # type: ignore[arg-type]  # decode, short prompts: int8 on the team
     elif rows or x.shape[0] == 1:
         matmul_rows(w, x, out, s.acts, s.xq)  # float weights or exact float products, row by row
@@ -265,10 +278,11 @@ class Model:
 
         Decode rows go out as one job per format: one activation quantization, one meeting of the threads.
         """
-        if _team_rows(x, s, rows) and all(on_team(w, s.xq) for w, _ in pairs):
+        panel = _panel_rows(x, s, rows, [w for w, _ in pairs])
+        if not panel and _team_rows(x, s, rows) and all(on_team(w, s.xq) for w, _ in pairs):
             matmuls(pairs, x, s.acts)  # type: ignore[arg-type]
             return
-        if rows or x.shape[0] == 1 or s.xq is None or _team_rows(x, s, rows):
+        if not panel and (rows or x.shape[0] == 1 or s.xq is None or _team_rows(x, s, rows)):
             for w, out in pairs:
                 _matmul(w, x, out, s, rows)
             return
@@ -406,7 +420,7 @@ class Model:
         ~0.1 s after each call, on the cores the panel GEMM's threads need (gemma3 pp512 at
         -t 2: 342 -> 250 ms).
         """
-        if tokens.shape[0] > TEAM_ROWS and s.xq is not None and s.xq.panels is not None and self.integer_prompts:
+        if tokens.shape[0] > PANEL_ROWS and s.xq is not None and s.xq.panels is not None and self.integer_prompts:
             with blas_single():
                 return self._forward(tokens, pos, s, kv, all_logits, seq, hidden)
         return self._forward(tokens, pos, s, kv, all_logits, seq, hidden)

@@ -16,8 +16,12 @@ is two or three word operations per 8 weights, not a scalar loop over bytes.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import cfunc, njit, prange, types
+from numba.extending import intrinsic
 
 from ..errors import InvalidParameterError
 from ..kernels.atomics import atomic_add, store_f32
@@ -107,93 +111,236 @@ def _put_ab(pa, pb, C, c, s, a, b):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _pack_row(fmt, row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
-    if fmt == 0:  # Q8_0: 34 bytes = d, q[32]; u = q + 128
-        for b in range(cols // 32):
-            o = 34 * b
-            d = _f16(row + o)
+def _pack_q8_0(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
+    """Q8_0: 34 bytes = d, q[32]; u = q + 128."""
+    for b in range(cols // 32):
+        o = 34 * b
+        d = _f16(row + o)
+        for k in range(0, 32, 4):
+            _put(pu, C, c, 32 * b + k, load_u32(row + o + 2 + k) ^ 0x80808080)
+        _put_ab(pa, pb, C, c, b, d, np.float32(-128.0) * d)
+
+
+@njit(cache=True, inline="always")
+def _pack_q4(row, cols, pu, pa, pb, C, c, with_min):  # type: ignore[no-untyped-def]
+    """Q4_0: 18 bytes = d, qs[16]; Q4_1: 20 = d, m, qs[16]."""
+    bb = 20 if with_min else 18
+    q0 = 4 if with_min else 2
+    for b in range(cols // 32):
+        o = bb * b
+        d = _f16(row + o)
+        for k in range(0, 16, 4):
+            v = load_u32(row + o + q0 + k)
+            _put(pu, C, c, 32 * b + k, v & LO4)
+            _put(pu, C, c, 32 * b + 16 + k, (v >> 4) & LO4)
+        _put_ab(pa, pb, C, c, b, d, _f16(row + o + 2) if with_min else np.float32(-8.0) * d)
+
+
+@njit(cache=True, inline="always")
+def _pack_q5(row, cols, pu, pa, pb, C, c, with_min):  # type: ignore[no-untyped-def]
+    """Q5_0: 22 bytes = d, qh[4], qs[16]; Q5_1: 24 = d, m, qh, qs."""
+    bb = 24 if with_min else 22
+    h0 = 4 if with_min else 2
+    for b in range(cols // 32):
+        o = bb * b
+        d = _f16(row + o)
+        qh = load_u32(row + o + h0)
+        for k in range(0, 16, 4):
+            v = load_u32(row + o + h0 + 4 + k)
+            _put(pu, C, c, 32 * b + k, (v & LO4) | _spread((qh >> k) & 15))
+            _put(pu, C, c, 32 * b + 16 + k, ((v >> 4) & LO4) | _spread((qh >> (16 + k)) & 15))
+        _put_ab(pa, pb, C, c, b, d, _f16(row + o + 2) if with_min else np.float32(-16.0) * d)
+
+
+@njit(cache=True, inline="always")
+def _pack_qk(row, cols, pu, pa, pb, C, c, fifth):  # type: ignore[no-untyped-def]
+    """Q4_K: 144 bytes = d, dmin, scales[12], qs[128]; Q5_K: 176, with qh[32] before qs."""
+    bb = 176 if fifth else 144
+    qs0 = 48 if fifth else 16
+    for b in range(cols // 256):
+        o = bb * b
+        d = _f16(row + o)
+        dmin = _f16(row + o + 2)
+        for g in range(4):
+            e = 256 * b + 64 * g
             for k in range(0, 32, 4):
-                _put(pu, C, c, 32 * b + k, load_u32(row + o + 2 + k) ^ 0x80808080)
-            _put_ab(pa, pb, C, c, b, d, np.float32(-128.0) * d)
-    elif fmt == 1 or fmt == 2:  # Q4_0: 18 bytes = d, qs[16]; Q4_1: 20 = d, m, qs[16]
-        bb = 18 if fmt == 1 else 20
-        q0 = 2 if fmt == 1 else 4
-        for b in range(cols // 32):
-            o = bb * b
-            d = _f16(row + o)
-            for k in range(0, 16, 4):
-                v = load_u32(row + o + q0 + k)
-                _put(pu, C, c, 32 * b + k, v & LO4)
-                _put(pu, C, c, 32 * b + 16 + k, (v >> 4) & LO4)
-            _put_ab(pa, pb, C, c, b, d, np.float32(-8.0) * d if fmt == 1 else _f16(row + o + 2))
-    elif fmt == 3 or fmt == 4:  # Q5_0: 22 bytes = d, qh[4], qs[16]; Q5_1: 24 = d, m, qh, qs
-        bb = 22 if fmt == 3 else 24
-        h0 = 2 if fmt == 3 else 4
-        for b in range(cols // 32):
-            o = bb * b
-            d = _f16(row + o)
-            qh = load_u32(row + o + h0)
-            for k in range(0, 16, 4):
-                v = load_u32(row + o + h0 + 4 + k)
-                _put(pu, C, c, 32 * b + k, (v & LO4) | _spread((qh >> k) & 15))
-                _put(pu, C, c, 32 * b + 16 + k, ((v >> 4) & LO4) | _spread((qh >> (16 + k)) & 15))
-            _put_ab(pa, pb, C, c, b, d, np.float32(-16.0) * d if fmt == 3 else _f16(row + o + 2))
-    elif fmt == 5 or fmt == 6:  # Q4_K: 144 bytes = d, dmin, scales[12], qs[128]; Q5_K: 176, qh[32] before qs
-        bb = 144 if fmt == 5 else 176
-        qs0 = 16 if fmt == 5 else 48
-        for b in range(cols // 256):
-            o = bb * b
-            d = _f16(row + o)
-            dmin = _f16(row + o + 2)
-            for g in range(4):
-                e = 256 * b + 64 * g
-                for k in range(0, 32, 4):
-                    v = load_u32(row + o + qs0 + 32 * g + k)
-                    lo = v & LO4
-                    hi = (v >> 4) & LO4
-                    if fmt == 6:
-                        h = load_u32(row + o + 16 + k) >> (2 * g)
-                        lo |= (h & 0x01010101) << 4
-                        hi |= (h & 0x02020202) << 3
-                    _put(pu, C, c, e + k, lo)
-                    _put(pu, C, c, e + 32 + k, hi)
-                for t in range(2):
-                    sc, m = _scale_min(row + o + 4, 2 * g + t)
-                    _put_ab(pa, pb, C, c, 8 * b + 2 * g + t, d * sc, -(dmin * m))
-    else:  # Q6_K: 210 bytes = ql[128], qh[64], scales int8[16], d; u = q in 0..63, w = d * sc * (u - 32)
-        for b in range(cols // 256):
-            o = 210 * b
-            d = _f16(row + o + 208)
-            for s in range(16):
-                ds = d * np.float32(np.int8(load_u8(row + o + 192 + s)))
-                _put_ab(pa, pb, C, c, 16 * b + s, ds, np.float32(-32.0) * ds)
-            for n in range(2):
-                for h in range(2):
-                    e = 256 * b + 128 * n + 16 * h
-                    for k in range(0, 16, 4):
-                        a = load_u32(row + o + 64 * n + 16 * h + k)
-                        cc = load_u32(row + o + 64 * n + 32 + 16 * h + k)
-                        hh = load_u32(row + o + 128 + 32 * n + 16 * h + k)
-                        _put(pu, C, c, e + k, (a & LO4) | ((hh & 0x03030303) << 4))
-                        _put(pu, C, c, e + 32 + k, (cc & LO4) | ((hh & 0x0C0C0C0C) << 2))
-                        _put(pu, C, c, e + 64 + k, ((a >> 4) & LO4) | (hh & 0x30303030))
-                        _put(pu, C, c, e + 96 + k, ((cc >> 4) & LO4) | ((hh >> 2) & 0x30303030))
+                v = load_u32(row + o + qs0 + 32 * g + k)
+                lo = v & LO4
+                hi = (v >> 4) & LO4
+                if fifth:
+                    h = load_u32(row + o + 16 + k) >> (2 * g)
+                    lo |= (h & 0x01010101) << 4
+                    hi |= (h & 0x02020202) << 3
+                _put(pu, C, c, e + k, lo)
+                _put(pu, C, c, e + 32 + k, hi)
+            for t in range(2):
+                sc, m = _scale_min(row + o + 4, 2 * g + t)
+                _put_ab(pa, pb, C, c, 8 * b + 2 * g + t, d * sc, -(dmin * m))
 
 
-@njit(cache=True)
-def _pack_panel(fmt, w, ws, C, cols, pu):  # type: ignore[no-untyped-def]
-    sub = 16 if fmt == 7 else 32
+@njit(cache=True, inline="always")
+def _pack_q6_k(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
+    """Q6_K: 210 bytes = ql[128], qh[64], scales int8[16], d; u = q in 0..63, w = d * sc * (u - 32)."""
+    for b in range(cols // 256):
+        o = 210 * b
+        d = _f16(row + o + 208)
+        for s in range(16):
+            ds = d * np.float32(np.int8(load_u8(row + o + 192 + s)))
+            _put_ab(pa, pb, C, c, 16 * b + s, ds, np.float32(-32.0) * ds)
+        for n in range(2):
+            for h in range(2):
+                e = 256 * b + 128 * n + 16 * h
+                for k in range(0, 16, 4):
+                    a = load_u32(row + o + 64 * n + 16 * h + k)
+                    cc = load_u32(row + o + 64 * n + 32 + 16 * h + k)
+                    hh = load_u32(row + o + 128 + 32 * n + 16 * h + k)
+                    _put(pu, C, c, e + k, (a & LO4) | ((hh & 0x03030303) << 4))
+                    _put(pu, C, c, e + 32 + k, (cc & LO4) | ((hh & 0x0C0C0C0C) << 2))
+                    _put(pu, C, c, e + 64 + k, ((a >> 4) & LO4) | (hh & 0x30303030))
+                    _put(pu, C, c, e + 96 + k, ((cc >> 4) & LO4) | ((hh >> 2) & 0x30303030))
+
+
+@njit(cache=True, inline="always")
+def _pack_q4_0(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
+    _pack_q4(row, cols, pu, pa, pb, C, c, False)
+
+
+@njit(cache=True, inline="always")
+def _pack_q4_1(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
+    _pack_q4(row, cols, pu, pa, pb, C, c, True)
+
+
+@njit(cache=True, inline="always")
+def _pack_q5_0(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
+    _pack_q5(row, cols, pu, pa, pb, C, c, False)
+
+
+@njit(cache=True, inline="always")
+def _pack_q5_1(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
+    _pack_q5(row, cols, pu, pa, pb, C, c, True)
+
+
+@njit(cache=True, inline="always")
+def _pack_q4_k(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
+    _pack_qk(row, cols, pu, pa, pb, C, c, False)
+
+
+@njit(cache=True, inline="always")
+def _pack_q5_k(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
+    _pack_qk(row, cols, pu, pa, pb, C, c, True)
+
+
+@njit(cache=True, inline="always")
+def _panel(pack, sub, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
+    """Panel p of W: pack its rows into pu, then multiply it with all n activation rows."""
+    C = COLS if (p + 1) * COLS <= rows else 16
+    c0 = COLS * p
+    nsub = cols // sub
     pa = pu + C * cols
-    pb = pa + 4 * C * (cols // sub)
+    pb = pa + 4 * C * nsub
     for c in range(C):
-        _pack_row(fmt, w + c * ws, cols, pu, pa, pb, C, c)
+        pack(w + (c0 + c) * ws, cols, pu, pa, pb, C, c)
+    if n == 0:  # pack only (tests read the panel back)
+        return
+    o = out + 4 * c0
+    if sub == 32 and C == COLS:
+        _S32_C2(pu, pa, pb, x, xst, d, s, sst, o, ost, n, nsub)
+    elif sub == 32:
+        _S32_C1(pu, pa, pb, x, xst, d, s, sst, o, ost, n, nsub)
+    elif C == COLS:
+        _S16_C2(pu, pa, pb, x, xst, d, s, sst, o, ost, n, nsub)
+    else:
+        _S16_C1(pu, pa, pb, x, xst, d, s, sst, o, ost, n, nsub)
+
+
+# One C callable per format (top level, so Numba's cache finds them): the parallel driver below
+# is compiled once and calls them by address, so a model compiles only its own formats' panels
+# (a parallel function per format cost ~1.5 s of first-run compile each, these ~0.5 s).
+def _panel_q8_0(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
+    _panel(_pack_q8_0, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+
+
+def _panel_q4_0(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
+    _panel(_pack_q4_0, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+
+
+def _panel_q4_1(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
+    _panel(_pack_q4_1, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+
+
+def _panel_q5_0(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
+    _panel(_pack_q5_0, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+
+
+def _panel_q5_1(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
+    _panel(_pack_q5_1, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+
+
+def _panel_q4_k(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
+    _panel(_pack_q4_k, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+
+
+def _panel_q5_k(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
+    _panel(_pack_q5_k, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+
+
+def _panel_q6_k(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
+    _panel(_pack_q6_k, 16, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+
+
+_PANEL_FUNCS = [_panel_q8_0, _panel_q4_0, _panel_q4_1, _panel_q5_0, _panel_q5_1, _panel_q4_k, _panel_q5_k, _panel_q6_k]
+_PANEL_SIG = types.void(*([types.int64] * 14))
+_compiled: dict[int, object] = {}  # keeps each cfunc (and so its code) alive
+_addresses: dict[int, int] = {}
+_lock = threading.Lock()
+
+
+def _address(fmt: int) -> int:
+    """The native address of format id ``fmt``'s panel function, compiled (or loaded) on first use."""
+    a = _addresses.get(fmt)
+    if a is None:
+        with _lock:
+            a = _addresses.get(fmt)
+            if a is None:
+                f = cfunc(_PANEL_SIG, cache=True)(_PANEL_FUNCS[fmt])
+                _compiled[fmt] = f
+                a = _addresses[fmt] = f.address
+    return a
+
+
+@intrinsic
+def _call_panel(typingctx, fn, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
+    """Call the panel function at address ``fn`` (void(int64 x 14))."""
+
+    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+        fnty = ir.FunctionType(ir.VoidType(), [ir.IntType(64)] * 14)
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), args[1:])
+        return context.get_dummy_value()
+
+    return types.void(*([types.int64] * 15)), codegen
+
+
+@njit(cache=True, parallel=True)
+def _gemm(fn, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pan, pst, nt, ctr):  # type: ignore[no-untyped-def]
+    n_panels = rows // COLS + (rows % COLS) // 16
+    for t in prange(nt):
+        pu = pan + t * pst
+        while True:
+            p = atomic_add(ctr, 1)
+            if p >= n_panels:
+                break
+            _call_panel(fn, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
 
 
 def pack_panel(fmt: int, w: np.ndarray, r0: int, C: int, cols: int, panel: np.ndarray) -> None:
     """Rows r0 .. r0 + C of w (uint8 [rows, row bytes]) into ``panel`` (uint8, >= panel_bytes(cols))."""
     if panel.nbytes < panel_bytes(cols) or r0 + C > w.shape[0] or w.strides[1] != 1:
         raise InvalidParameterError(f"pack_panel: rows {r0}..{r0 + C} of {w.shape} into {panel.nbytes} bytes")
-    _pack_panel(fmt, w.ctypes.data + r0 * w.strides[0], w.strides[0], C, cols, panel.ctypes.data)
+    if C not in (16, COLS):
+        raise InvalidParameterError(f"pack_panel: panels are {COLS} or 16 columns, not {C}")
+    # panel 0 of the C rows from r0 (n = 0 activation rows: pack only)
+    wa = w.ctypes.data + r0 * w.strides[0]
+    _PANEL_FUNCS_JIT[fmt](wa, w.strides[0], C, cols, 0, 0, 0, 0, 0, 0, 0, 0, panel.ctypes.data, 0)
 
 
 # -- activations -------------------------------------------------------------------------
@@ -252,39 +399,6 @@ def quantize_rows(x: np.ndarray, fmt: int, xq: np.ndarray, dx: np.ndarray, xs: n
 
 
 # -- the product -------------------------------------------------------------------------
-@njit(cache=True, inline="always")
-def _multiply(sub, C, pu, pa, pb, x, xst, d, s, sst, oa, ost, n, nsub):  # type: ignore[no-untyped-def]
-    if sub == 32 and C == 32:
-        _S32_C2(pu, pa, pb, x, xst, d, s, sst, oa, ost, n, nsub)
-    elif sub == 32:
-        _S32_C1(pu, pa, pb, x, xst, d, s, sst, oa, ost, n, nsub)
-    elif C == 32:
-        _S16_C2(pu, pa, pb, x, xst, d, s, sst, oa, ost, n, nsub)
-    else:
-        _S16_C1(pu, pa, pb, x, xst, d, s, sst, oa, ost, n, nsub)
-
-
-@njit(cache=True, parallel=True)
-def _gemm(fmt, w, ws, rows, x, xst, n, cols, d, s, sst, out, ost, pan, pst, nt, ctr):  # type: ignore[no-untyped-def]
-    sub = 16 if fmt == 7 else 32
-    nsub = cols // sub
-    n_wide = rows // COLS
-    n_panels = n_wide + (rows % COLS) // 16
-    for t in prange(nt):
-        pu = pan + t * pst
-        while True:
-            p = atomic_add(ctr, 1)
-            if p >= n_panels:
-                break
-            C = COLS if p < n_wide else 16
-            c0 = COLS * p
-            pa = pu + C * cols
-            pb = pa + 4 * C * nsub
-            for c in range(C):
-                _pack_row(fmt, w + (c0 + c) * ws, cols, pu, pa, pb, C, c)
-            _multiply(sub, C, pu, pa, pb, x, xst, d, s, sst, out + 4 * c0, ost, n, nsub)
-
-
 def gemm(
     fmt: int,
     w: np.ndarray,
@@ -316,14 +430,14 @@ def gemm(
     nt = max(1, min(int(threads), panels.shape[0], n_panels))
     counter[0] = 0
     _gemm(
-        fmt,
+        _address(fmt),
         w.ctypes.data,
         w.strides[0],
         rows,
+        cols,
         xq.ctypes.data,
         xq.strides[0],
         n,
-        cols,
         dx.ctypes.data,
         xs.ctypes.data,
         dx.strides[0],
@@ -334,3 +448,7 @@ def gemm(
         nt,
         counter.ctypes.data,
     )
+
+
+# the panel functions as plain compiled functions too: pack_panel (tests) calls them from Python
+_PANEL_FUNCS_JIT = [njit(cache=True)(f) for f in _PANEL_FUNCS]
