@@ -37,7 +37,7 @@ from .gguf import GGUFFile
 from .grammar import Grammar, Matcher, TokenVocab, sample_with_grammar
 from .kv_cache import KVCache
 from .models import Scratch, load_model
-from .plan import context_arrays, prefault
+from .plan import context_arrays, prefault, prefault_in_background
 from .registry import resolve_model
 from .residency import Residency
 from .sampling import Sampler, SamplingParams, StopMatcher
@@ -150,7 +150,9 @@ class Llama:
             raise InvalidParameterError(f"activations={activations!r}: expected 'q8' (as llama.cpp) or 'f32' (exact)")
         self._scratch = Scratch(hp, self.n_batch, self._n_ctx, self.n_batch if logits_all else 1, activations)
         # resident now rather than page by page as the context fills: RSS stays flat while it talks
-        prefault(self._kv.k + self._kv.v + context_arrays(self._scratch))
+        # (the KV cache on another thread while the kernels load; joined before __init__ returns)
+        kv_prefault = prefault_in_background(self._kv.k + self._kv.v)
+        prefault(context_arrays(self._scratch))
         self.input_ids = np.zeros(self._n_ctx, dtype=np.intc)
         # np.zeros maps untouched pages lazily, so n_ctx x n_vocab costs only the rows evaluated
         self.scores = np.zeros((self._n_ctx if logits_all else 1, hp.n_vocab), dtype=np.single)
@@ -173,6 +175,7 @@ class Llama:
             "reused_tokens": 0,
         }
         self._warm_up()
+        kv_prefault.join()
         self.timings["load_ms"] = (time.perf_counter() - t0) * 1e3
         template = self.metadata.get("tokenizer.chat_template")
         tok = self._tokenizer

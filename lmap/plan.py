@@ -16,7 +16,9 @@ after one token, since every matrix is read per token) and anonymous with ``use_
 
 from __future__ import annotations
 
+import ctypes
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,6 +349,26 @@ def prefault(arrays: Iterable[np.ndarray]) -> int:
         a.fill(0)
         n += a.nbytes
     return n
+
+
+def prefault_in_background(arrays: Iterable[np.ndarray]) -> threading.Thread:
+    """:func:`prefault` on another thread; join it before the arrays are used.
+
+    ``ctypes.memset`` runs without the GIL, so the page faults (55 ms for SmolLM2's 90 MiB KV
+    cache at n_ctx 4096) overlap the rest of start-up instead of adding to time to first token.
+    """
+    todo = list(arrays)
+
+    def run() -> None:
+        for a in todo:
+            if a.flags.c_contiguous and a.flags.writeable:
+                ctypes.memset(a.ctypes.data, 0, a.nbytes)
+            else:
+                a.fill(0)
+
+    t = threading.Thread(target=run, name="lmap-prefault", daemon=True)
+    t.start()
+    return t
 
 
 def context_arrays(obj: object) -> list[np.ndarray]:
