@@ -111,7 +111,7 @@ def _put_ab(pa, pb, C, c, s, a, b):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _pack_q8_0(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
+def _pack_q8_0(row, cols, pu, pa, pb, C, c, _):  # type: ignore[no-untyped-def]
     """Q8_0: 34 bytes = d, q[32]; u = q + 128."""
     for b in range(cols // 32):
         o = 34 * b
@@ -179,7 +179,7 @@ def _pack_qk(row, cols, pu, pa, pb, C, c, fifth):  # type: ignore[no-untyped-def
 
 
 @njit(cache=True, inline="always")
-def _pack_q6_k(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
+def _pack_q6_k(row, cols, pu, pa, pb, C, c, _):  # type: ignore[no-untyped-def]
     """Q6_K: 210 bytes = ql[128], qh[64], scales int8[16], d; u = q in 0..63, w = d * sc * (u - 32)."""
     for b in range(cols // 256):
         o = 210 * b
@@ -201,45 +201,15 @@ def _pack_q6_k(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _pack_q4_0(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
-    _pack_q4(row, cols, pu, pa, pb, C, c, False)
-
-
-@njit(cache=True, inline="always")
-def _pack_q4_1(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
-    _pack_q4(row, cols, pu, pa, pb, C, c, True)
-
-
-@njit(cache=True, inline="always")
-def _pack_q5_0(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
-    _pack_q5(row, cols, pu, pa, pb, C, c, False)
-
-
-@njit(cache=True, inline="always")
-def _pack_q5_1(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
-    _pack_q5(row, cols, pu, pa, pb, C, c, True)
-
-
-@njit(cache=True, inline="always")
-def _pack_q4_k(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
-    _pack_qk(row, cols, pu, pa, pb, C, c, False)
-
-
-@njit(cache=True, inline="always")
-def _pack_q5_k(row, cols, pu, pa, pb, C, c):  # type: ignore[no-untyped-def]
-    _pack_qk(row, cols, pu, pa, pb, C, c, True)
-
-
-@njit(cache=True, inline="always")
-def _panel(pack, sub, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
-    """Panel p of W: pack its rows into pu, then multiply it with all n activation rows."""
+def _panel(pack, flag, sub, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
+    """Panel p of W: pack its rows into pu (``pack`` with its format flag), then multiply it with all n rows."""
     C = COLS if (p + 1) * COLS <= rows else 16
     c0 = COLS * p
     nsub = cols // sub
     pa = pu + C * cols
     pb = pa + 4 * C * nsub
     for c in range(C):
-        pack(w + (c0 + c) * ws, cols, pu, pa, pb, C, c)
+        pack(w + (c0 + c) * ws, cols, pu, pa, pb, C, c, flag)
     if n == 0:  # pack only (tests read the panel back)
         return
     o = out + 4 * c0
@@ -257,35 +227,35 @@ def _panel(pack, sub, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):
 # is compiled once and calls them by address, so a model compiles only its own formats' panels
 # (a parallel function per format cost ~1.5 s of first-run compile each, these ~0.5 s).
 def _panel_q8_0(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
-    _panel(_pack_q8_0, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+    _panel(_pack_q8_0, False, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
 
 
 def _panel_q4_0(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
-    _panel(_pack_q4_0, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+    _panel(_pack_q4, False, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
 
 
 def _panel_q4_1(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
-    _panel(_pack_q4_1, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+    _panel(_pack_q4, True, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
 
 
 def _panel_q5_0(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
-    _panel(_pack_q5_0, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+    _panel(_pack_q5, False, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
 
 
 def _panel_q5_1(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
-    _panel(_pack_q5_1, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+    _panel(_pack_q5, True, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
 
 
 def _panel_q4_k(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
-    _panel(_pack_q4_k, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+    _panel(_pack_qk, False, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
 
 
 def _panel_q5_k(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
-    _panel(_pack_q5_k, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+    _panel(_pack_qk, True, 32, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
 
 
 def _panel_q6_k(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # type: ignore[no-untyped-def]
-    _panel(_pack_q6_k, 16, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
+    _panel(_pack_q6_k, False, 16, w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p)
 
 
 _PANEL_FUNCS = [_panel_q8_0, _panel_q4_0, _panel_q4_1, _panel_q5_0, _panel_q5_1, _panel_q4_k, _panel_q5_k, _panel_q6_k]
