@@ -56,14 +56,38 @@ def reference(q, k, v, pos, cell_pos, n_cells, scale, window, softcap):  # type:
     return out
 
 
-def run_batch(q, k, v, pos, cell_pos, n_cells, scale, window, softcap, n_ctx=None):  # type: ignore[no-untyped-def]
+def run_batch(q, k, v, pos, cell_pos, n_cells, scale, window, softcap, n_ctx=None, threads=1):  # type: ignore[no-untyped-def]
     n, nh, hd = q.shape
     w = AttentionScratch(n, n_ctx or k.shape[0], nh, k.shape[1], hd, v.shape[2])
     for a in (w.k, w.v, w.q, w.s, w.o):
         a.fill(np.nan)  # nothing may read scratch it did not write
     out = np.full((n, nh, v.shape[2]), np.nan, np.float32)
-    attention_batch(q, k, v, pos, cell_pos, n_cells, scale, window, softcap, w, out)
+    attention_batch(q, k, v, pos, cell_pos, n_cells, scale, window, softcap, w, out, threads)
     return out
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threads_share_blocks_with_the_same_result(threads: int) -> None:
+    """Blocks shared among threads, each on its own share of the scratch: the one-thread result."""
+    from lmap.kernels import attention as A
+    from lmap.threads import blas_single
+
+    rng = np.random.default_rng(threads)
+    nh, nkv, hd, n = 8, 2, 64, 300
+    q = rng.standard_normal((n, nh, hd)).astype(np.float32)
+    v = rng.standard_normal((n, nkv, hd)).astype(np.float16).view(np.uint16)
+    k = rng.standard_normal((n, nkv, hd)).astype(np.float16).view(np.uint16)
+    pos = np.arange(n, dtype=np.int32)
+    cell_pos = np.arange(n, dtype=np.int32)
+    with blas_single():  # as Model.forward runs it
+        one = run_batch(q, k, v, pos, cell_pos, n, 0.125, 0, 0.0)
+        many = run_batch(q, k, v, pos, cell_pos, n, 0.125, 0, 0.0, threads=threads)
+    assert n > A.MAX_BLOCK  # several query blocks, so each thread gets some
+    if threads == 2:  # a half share of the scratch still holds one thread's blocks: the same products
+        np.testing.assert_array_equal(many, one)
+    else:  # thirds hold smaller blocks: other BLAS shapes, float32 rounding apart
+        np.testing.assert_allclose(many, one, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(one, reference(q, k, v, pos, cell_pos, n, 0.125, 0, 0.0), rtol=2e-3, atol=2e-4)
 
 
 @pytest.mark.parametrize("half", [False, True])

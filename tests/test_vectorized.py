@@ -140,3 +140,21 @@ def test_prompt_gemm_uses_512_bit_vnni() -> None:
     )
     asm = "\n".join(call.inspect_asm().values())
     assert re.search(r"\bvpdpbusd\b[^\n]*%zmm", asm), "the panel kernel lost its 512-bit vpdpbusd"
+
+
+def test_prompt_softmax_is_vectorized() -> None:
+    """The masked softmax of prompt attention: the mask-and-max loop in packed vmaxps (a stray
+    comparison of floats with -inf under fast-math once made LLVM drop or scalarize it)."""
+    from lmap.kernels import attention
+
+    asm = fresh_asm(
+        attention._masked_softmax_serial,
+        np.zeros((4, 64), np.float32),
+        1,
+        np.zeros(4, np.int32),
+        np.zeros(64, np.int32),
+        0,
+        0.0,
+    )
+    assert re.search(r"\bvmaxps\b[^\n]*%[yz]mm", asm)
+    assert PACKED.search(asm)

@@ -20,6 +20,8 @@ Visibility is the same as ops.attention: a cell is seen by a query at position p
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import njit, prange
@@ -51,9 +53,10 @@ class AttentionScratch:
         # at least one query's group of rows over the whole context
         self.s = np.zeros(max(SCORES_BYTES // 4, group * n_ctx), np.float32)
 
-    def block(self, n: int, n_cells: int, group: int) -> int:
-        """Queries per block so that their scores over n_cells fit."""
-        return max(1, min(n, MAX_BLOCK, self.s.size // (group * max(n_cells, 1)), self.q.shape[0] // group))
+    def block(self, n: int, n_cells: int, group: int, parts: int = 1) -> int:
+        """Queries per block so that their scores over n_cells fit in a ``parts``-th of the buffers."""
+        s, rows = self.s.size // parts, self.q.shape[0] // parts
+        return max(1, min(n, MAX_BLOCK, s // (group * max(n_cells, 1)), rows // group))
 
     @property
     def nbytes(self) -> int:
@@ -85,7 +88,7 @@ def _cache_q8_to_f32(c: np.ndarray, n_cells: int, out: np.ndarray) -> None:
                     out[h, j, b * 32 + i] = d * np.float32(np.int8(c[j, h, o + 2 + i]))
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _gather_q(
     q: np.ndarray, t0: int, t1: int, h0: int, group: int, scale: float, round16: bool, out: np.ndarray
 ) -> None:
@@ -107,13 +110,55 @@ def _gather_q(
                 out[r, i] = x * sc
 
 
-@njit(cache=True, fastmath=True)
+@njit(cache=True, fastmath=True, nogil=True)
 def _scatter_o(o: np.ndarray, t0: int, t1: int, h0: int, group: int, out: np.ndarray) -> None:
     for t in range(t0, t1):
         for g in range(group):
             r = (t - t0) * group + g
             for i in range(o.shape[1]):
                 out[t, h0 + g, i] = o[r, i]
+
+
+@njit(cache=True, fastmath=True, inline="always")
+def _softmax_row(s, r, group, pos, cell_pos, window, softcap):  # type: ignore[no-untyped-def]
+    n_cells = s.shape[1]
+    cap = np.float32(softcap)
+    ninf = np.float32(-np.inf)
+    n8 = n_cells // 8 * 8
+    p = pos[r // group]
+    lo = p - window if window > 0 else -1
+    row = s[r]
+    if cap > 0.0:
+        for j in range(n_cells):
+            row[j] = cap * np.float32(math.tanh(row[j] / cap))
+    mx = ninf
+    seen = 0
+    for j in range(n_cells):  # branch-free so it vectorizes
+        cp = cell_pos[j]
+        ok = (cp >= 0) & (cp <= p) & (cp > lo)
+        d = row[j] if ok else ninf
+        row[j] = d
+        mx = max(mx, d)
+        seen |= ok
+    # nothing visible: output zeros (tested on an integer: under fast-math LLVM may assume no
+    # float is infinite and fold a test of mx == -inf away, as it did once this was inlined)
+    if not seen:
+        for j in range(n_cells):
+            row[j] = np.float32(0.0)
+        return
+    for j in range(n_cells):
+        row[j] -= mx
+    base = row.ctypes.data
+    for j in range(0, n8, 8):
+        exp8_inplace(base + 4 * j)
+    for j in range(n8, n_cells):
+        row[j] = np.float32(math.exp(row[j]))
+    total = np.float32(0.0)
+    for j in range(n_cells):
+        total += row[j]
+    inv = np.float32(1.0) / total
+    for j in range(n_cells):
+        row[j] *= inv
 
 
 @njit(cache=True, fastmath=True, parallel=True)
@@ -125,43 +170,20 @@ def _masked_softmax(
     window: int,
     softcap: float,
 ) -> None:
-    rows, n_cells = s.shape
-    cap = np.float32(softcap)
-    ninf = np.float32(-np.inf)
-    n8 = n_cells // 8 * 8
-    for r in prange(rows):
-        p = pos[r // group]
-        lo = p - window if window > 0 else -1
-        row = s[r]
-        if cap > 0.0:
-            for j in range(n_cells):
-                row[j] = cap * np.float32(math.tanh(row[j] / cap))
-        mx = ninf
-        for j in range(n_cells):  # branch-free so it vectorizes
-            cp = cell_pos[j]
-            d = row[j] if (cp >= 0) & (cp <= p) & (cp > lo) else ninf
-            row[j] = d
-            mx = max(mx, d)
-        if mx == ninf:  # nothing visible: output zeros
-            for j in range(n_cells):
-                row[j] = np.float32(0.0)
-            continue
-        for j in range(n_cells):
-            row[j] -= mx
-        base = row.ctypes.data
-        for j in range(0, n8, 8):
-            exp8_inplace(base + 4 * j)
-        for j in range(n8, n_cells):
-            row[j] = np.float32(math.exp(row[j]))
-        total = np.float32(0.0)
-        for j in range(n_cells):
-            total += row[j]
-        inv = np.float32(1.0) / total
-        for j in range(n_cells):
-            row[j] *= inv
+    for r in prange(s.shape[0]):
+        _softmax_row(s, r, group, pos, cell_pos, window, softcap)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True, nogil=True)
+def _masked_softmax_serial(
+    s: np.ndarray, group: int, pos: np.ndarray, cell_pos: np.ndarray, window: int, softcap: float
+) -> None:
+    """:func:`_masked_softmax` on the calling thread, without the GIL (one block per thread)."""
+    for r in range(s.shape[0]):
+        _softmax_row(s, r, group, pos, cell_pos, window, softcap)
+
+
+@njit(cache=True, nogil=True)
 def _visible_span(cell_pos: np.ndarray, n_cells: int, pmin: int, pmax: int, window: int) -> tuple[int, int]:
     """[j0, j1): the cells any query at positions pmin..pmax may see lie in this index range."""
     j0, j1 = n_cells, 0
@@ -186,8 +208,14 @@ def attention_batch(
     softcap: float,
     w: AttentionScratch,
     out: np.ndarray,  # [n, H, hdv]
+    threads: int = 1,
 ) -> None:
-    """Same result as ops.attention (to float32 rounding), for many queries at once."""
+    """Same result as ops.attention (to float32 rounding), for many queries at once.
+
+    ``threads`` > 1 shares the (query block, KV head) items among that many threads, each with
+    its own share of the scratch and single-threaded BLAS calls (the caller holds BLAS at one
+    thread: see Model.forward); each item is computed exactly as with one thread.
+    """
     n, nh, _ = q.shape
     nkv = k.shape[1]
     group = nh // nkv
@@ -195,18 +223,54 @@ def attention_batch(
     # one float32 copy per layer: Q8_0 blocks are dequantized here, so the products below are the same
     (_cache_q8_to_f32 if k.dtype == np.uint8 else _cache_to_f32)(k, n_cells, w.k)
     (_cache_q8_to_f32 if v.dtype == np.uint8 else _cache_to_f32)(v, n_cells, w.v)
+    # each thread's share of the scratch must hold at least one query's group of rows; the blocks
+    # stay those of one thread where they fit in a share (then so do the results, bit for bit)
+    parts = max(1, min(threads, w.s.size // (group * max(n_cells, 1)), w.q.shape[0] // group))
     block = w.block(n, n_cells, group)
-    for t0 in range(0, n, block):
-        t1 = min(t0 + block, n)
-        rows = (t1 - t0) * group
-        pb = pos[t0:t1]
-        j0, j1 = _visible_span(cell_pos, n_cells, int(pb.min()), int(pb.max()), window)
-        nc = j1 - j0
-        for h in range(nkv):
-            qg, o = w.q[:rows], w.o[:rows]
-            s = w.s[: rows * nc].reshape(rows, nc)
+    if parts > 1 and w.block(n, n_cells, group, parts) < block:
+        block = w.block(n, n_cells, group, parts)
+    items = [(t0, h) for t0 in range(0, n, block) for h in range(nkv)]
+    parts = min(parts, len(items))
+    rows_cap, s_cap = w.q.shape[0] // parts, w.s.size // parts
+
+    def run(part: int, mine: list[tuple[int, int]]) -> None:
+        qbuf, obuf = w.q[part * rows_cap : (part + 1) * rows_cap], w.o[part * rows_cap : (part + 1) * rows_cap]
+        sbuf = w.s[part * s_cap : (part + 1) * s_cap]
+        softmax = _masked_softmax if parts == 1 else _masked_softmax_serial
+        for t0, h in mine:
+            t1 = min(t0 + block, n)
+            rows = (t1 - t0) * group
+            pb = pos[t0:t1]
+            j0, j1 = _visible_span(cell_pos, n_cells, int(pb.min()), int(pb.max()), window)
+            nc = j1 - j0
+            qg, o = qbuf[:rows], obuf[:rows]
+            s = sbuf[: rows * nc].reshape(rows, nc)
             _gather_q(q, t0, t1, h * group, group, scale, k.dtype == np.uint16, qg)
             np.matmul(qg, kf[h, j0:j1].T, out=s)
-            _masked_softmax(s, group, pb, cell_pos[j0:j1], window, softcap)
+            softmax(s, group, pb, cell_pos[j0:j1], window, softcap)
             np.matmul(s, vf[h, j0:j1], out=o)
             _scatter_o(o, t0, t1, h * group, group, out)
+
+    if parts == 1:
+        run(0, items)
+        return
+    pool = _helpers(parts - 1)
+    futures = [pool.submit(run, i, items[i::parts]) for i in range(1, parts)]
+    run(0, items[0::parts])
+    for f in futures:
+        f.result()
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _helpers(n: int) -> ThreadPoolExecutor:
+    """A pool of at least ``n`` helper threads, made once (threads are kept between layers)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size < n:
+            _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="lmap-attention")
+            _pool_size = n
+        return _pool

@@ -208,6 +208,7 @@ class Scratch:
         self.logits = np.zeros((logits_rows, hp.n_vocab), np.float32)
         # prompt batches attend through BLAS products (kernels/attention.py); decode keeps ops.attention
         self.attn = AttentionScratch(B, n_ctx, H, Hkv, hp.head_dim_k, hp.head_dim_v) if B >= BATCH_ATTENTION else None
+        self.attn_threads = 1  # threads sharing a prompt batch's attention (set by Model.forward)
 
     @property
     def nbytes(self) -> int:
@@ -342,7 +343,9 @@ class Model:
         store_k(s.k[:n], k, cells)
         store_v(s.v[:n], v, cells)
         if n >= BATCH_ATTENTION and s.attn is not None:
-            attention_batch(s.q[:n], k, v, pos, m.cell_pos, m.n_used, sc, window, hp.attn_softcap, s.attn, s.att[:n])
+            attention_batch(
+                s.q[:n], k, v, pos, m.cell_pos, m.n_used, sc, window, hp.attn_softcap, s.attn, s.att[:n], s.attn_threads
+            )
         elif n == 1 and m.n_used * hp.n_head >= self.team_attention_work:
             # one token over a long context: its heads shared by the team (the same _attend per
             # head, so the same bits as the serial kernel), instead of one thread while one spins
@@ -421,8 +424,13 @@ class Model:
         -t 2: 342 -> 250 ms).
         """
         if tokens.shape[0] > PANEL_ROWS and s.xq is not None and s.xq.panels is not None and self.integer_prompts:
-            with blas_single():
-                return self._forward(tokens, pos, s, kv, all_logits, seq, hidden)
+            # ... and attention shares its blocks among the threads instead (kernels/attention.py)
+            s.attn_threads = numba.get_num_threads()
+            try:
+                with blas_single():
+                    return self._forward(tokens, pos, s, kv, all_logits, seq, hidden)
+            finally:
+                s.attn_threads = 1
         return self._forward(tokens, pos, s, kv, all_logits, seq, hidden)
 
     def _forward(
