@@ -9,6 +9,8 @@ level so that Numba's cache can find it again (closures are not cached).
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from numba import cfunc
 
@@ -79,19 +81,36 @@ CHUNKS = {
     "IQ4_XS": (_iq4_xs, True),
 }
 
-_compiled: dict[str, object] = {}  # keeps each cfunc (and so its code) alive
-_addresses: dict[str, int] = {}
-_lock = threading.Lock()
+
+class CfuncTable:
+    """Compiled C callables of one signature, made (or loaded from Numba's cache) on first use.
+
+    The compiled loops that call them take an address, so they are compiled once and know no
+    format; the table keeps each cfunc (and so its code) alive.
+    """
+
+    def __init__(self, sig: object, funcs: Mapping[Any, Callable[..., None]]) -> None:
+        self._sig = sig
+        self._funcs = funcs
+        self._compiled: dict[Any, object] = {}
+        self._addresses: dict[Any, int] = {}
+        self._lock = threading.Lock()
+
+    def address(self, key: Any) -> int:
+        a = self._addresses.get(key)
+        if a is None:
+            with self._lock:
+                a = self._addresses.get(key)
+                if a is None:
+                    f = cfunc(self._sig, cache=True)(self._funcs[key])
+                    self._compiled[key] = f
+                    a = self._addresses[key] = f.address
+        return a
+
+
+_CHUNKS = CfuncTable(M.SIG, {fmt: f for fmt, (f, _) in CHUNKS.items()})
 
 
 def address(fmt: str) -> int:
     """The native address of ``fmt``'s chunk kernel (void(int64 x 13)), compiling it on first use."""
-    a = _addresses.get(fmt)
-    if a is None:
-        with _lock:
-            a = _addresses.get(fmt)
-            if a is None:
-                f = cfunc(M.SIG, cache=True)(CHUNKS[fmt][0])
-                _compiled[fmt] = f
-                a = _addresses[fmt] = f.address
-    return a
+    return _CHUNKS.address(fmt)

@@ -123,34 +123,19 @@ def _panel_kernel(sub: int, nc: int):  # type: ignore[no-untyped-def]
 PANEL = {(s, nc): _panel_kernel(s, nc) for s in (16, 32) for nc in (1, 2)}
 
 
-@intrinsic
-def load_u32(typingctx, addr):  # type: ignore[no-untyped-def]
-    """The 4 bytes at ``addr`` (any alignment) as a little-endian unsigned word, widened to int64."""
+def _load_unsigned(bits: int):  # type: ignore[no-untyped-def]
+    def load(typingctx, addr):  # type: ignore[no-untyped-def]
+        def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
+            return builder.zext(_load(builder, args[0], ir.IntType(bits)), ir.IntType(64))
 
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.zext(_load(builder, args[0], _i32), ir.IntType(64))
+        return types.int64(types.int64), codegen
 
-    return types.int64(types.int64), codegen
-
-
-@intrinsic
-def load_u16(typingctx, addr):  # type: ignore[no-untyped-def]
-    """The 2 bytes at ``addr`` (any alignment) as an unsigned little-endian half word, widened to int64."""
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.zext(_load(builder, args[0], ir.IntType(16)), ir.IntType(64))
-
-    return types.int64(types.int64), codegen
+    load.__name__ = load.__qualname__ = f"load_u{bits}"
+    return intrinsic(load)
 
 
-@intrinsic
-def load_u8(typingctx, addr):  # type: ignore[no-untyped-def]
-    """The byte at ``addr``, widened to int64."""
-
-    def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        return builder.zext(_load(builder, args[0], _i8), ir.IntType(64))
-
-    return types.int64(types.int64), codegen
+# the unsigned little-endian 1, 2 or 4 bytes at an address (any alignment), widened to int64
+load_u8, load_u16, load_u32 = _load_unsigned(8), _load_unsigned(16), _load_unsigned(32)
 
 
 @intrinsic

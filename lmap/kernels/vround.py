@@ -41,21 +41,26 @@ def _rint(builder: ir.IRBuilder, v: ir.Value, n: int) -> ir.Value:
     return builder.call(_fn(builder, f"llvm.rint.v{n}f32", vt, [vt]), [v])
 
 
-@intrinsic
-def round_q8_block(typingctx, x_addr, out_addr):  # type: ignore[no-untyped-def]
-    """out[0:32] = the 32 floats at x_addr rounded as quantize_row_q8_0 then dequantized.
+def _q8_0_grid(builder: ir.IRBuilder, addr: ir.Value, n: int) -> tuple[ir.Value, ir.Value]:
+    """(q as <n x float> integers, the f16-rounded scale) of quantize_row_q8_0 on the n floats at addr.
 
     d = amax / 127 (kept as f16 in the block), q = round(x / d) through x * (1 / d).
     """
+    x, _, amax = _block(builder, addr, n)
+    d = builder.fdiv(amax, ir.Constant(_f32, 127.0))
+    nonzero = builder.fcmp_ordered("!=", d, ir.Constant(_f32, 0.0))
+    inv = builder.select(nonzero, builder.fdiv(ir.Constant(_f32, 1.0), d), ir.Constant(_f32, 0.0))
+    dh = builder.fpext(builder.fptrunc(d, ir.HalfType()), _f32)
+    return _rint(builder, builder.fmul(x, _splat(builder, inv, n)), n), dh
+
+
+@intrinsic
+def round_q8_block(typingctx, x_addr, out_addr):  # type: ignore[no-untyped-def]
+    """out[0:32] = the 32 floats at x_addr rounded as quantize_row_q8_0 then dequantized (d * q)."""
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
         n = 32
-        x, _, amax = _block(builder, args[0], n)
-        d = builder.fdiv(amax, ir.Constant(_f32, 127.0))
-        nonzero = builder.fcmp_ordered("!=", d, ir.Constant(_f32, 0.0))
-        inv = builder.select(nonzero, builder.fdiv(ir.Constant(_f32, 1.0), d), ir.Constant(_f32, 0.0))
-        dh = builder.fpext(builder.fptrunc(d, ir.HalfType()), _f32)
-        q = _rint(builder, builder.fmul(x, _splat(builder, inv, n)), n)
+        q, dh = _q8_0_grid(builder, args[0], n)
         out = builder.fmul(_splat(builder, dh, n), q)
         builder.store(out, builder.inttoptr(args[1], ir.VectorType(_f32, n).as_pointer()), align=4)
         return context.get_dummy_value()
@@ -63,35 +68,40 @@ def round_q8_block(typingctx, x_addr, out_addr):  # type: ignore[no-untyped-def]
     return types.void(types.int64, types.int64), codegen
 
 
+def _q8_k_grid(builder: ir.IRBuilder, addr: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """(q as <256 x float> integers, d = 1 / iscale, all-zero flag) of quantize_row_q8_K_ref at addr.
+
+    iscale = -127 / (the first value of largest |x|), q = min(127, round(iscale * x)); for an
+    all-zero block q and d are garbage (the callers select zeros on the flag).
+    """
+    n = 256
+    x, ax, amax = _block(builder, addr, n)
+    # the first lane whose |x| is the maximum: its signed value sets the scale's sign
+    hits = builder.bitcast(builder.fcmp_ordered("==", ax, _splat(builder, amax, n)), ir.IntType(n))
+    first = builder.call(
+        _fn(builder, f"llvm.cttz.i{n}", ir.IntType(n), [ir.IntType(n), _i1]), [hits, ir.Constant(_i1, 0)]
+    )
+    lane = builder.trunc(first, ir.IntType(64))
+    mx = builder.load(builder.inttoptr(builder.add(addr, builder.mul(lane, _c64(4))), _f32.as_pointer()), align=4)
+    zero = builder.fcmp_ordered("==", amax, ir.Constant(_f32, 0.0))
+    iscale = builder.fdiv(ir.Constant(_f32, -127.0), mx)
+    d = builder.fdiv(ir.Constant(_f32, 1.0), iscale)
+    q = _rint(builder, builder.fmul(_splat(builder, iscale, n), x), n)
+    vt = ir.VectorType(_f32, n)
+    minnum = _fn(builder, f"llvm.minnum.v{n}f32", vt, [vt, vt])
+    q = builder.call(minnum, [q, _splat(builder, ir.Constant(_f32, 127.0), n)])
+    return q, d, zero
+
+
 @intrinsic
 def round_q8_k_block(typingctx, x_addr, out_addr):  # type: ignore[no-untyped-def]
-    """out[0:256] = the 256 floats at x_addr rounded as quantize_row_q8_K_ref then dequantized.
-
-    iscale = -127 / (the first value of largest |x|), q = min(127, round(iscale * x)), out = q / iscale;
-    an all-zero block gives zeros.
-    """
+    """out[0:256] = the 256 floats at x_addr rounded as quantize_row_q8_K_ref then dequantized (d * q);
+    an all-zero block gives zeros."""
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        n = 256
-        x, ax, amax = _block(builder, args[0], n)
-        # the first lane whose |x| is the maximum: its signed value sets the scale's sign
-        hits = builder.bitcast(builder.fcmp_ordered("==", ax, _splat(builder, amax, n)), ir.IntType(n))
-        first = builder.call(
-            _fn(builder, f"llvm.cttz.i{n}", ir.IntType(n), [ir.IntType(n), _i1]), [hits, ir.Constant(_i1, 0)]
-        )
-        lane = builder.trunc(first, ir.IntType(64))
-        mx = builder.load(
-            builder.inttoptr(builder.add(args[0], builder.mul(lane, _c64(4))), _f32.as_pointer()), align=4
-        )
-        zero = builder.fcmp_ordered("==", amax, ir.Constant(_f32, 0.0))
-        iscale = builder.fdiv(ir.Constant(_f32, -127.0), mx)
-        d = builder.fdiv(ir.Constant(_f32, 1.0), iscale)
-        q = _rint(builder, builder.fmul(_splat(builder, iscale, n), x), n)
-        vt = ir.VectorType(_f32, n)
-        minnum = _fn(builder, f"llvm.minnum.v{n}f32", vt, [vt, vt])
-        q = builder.call(minnum, [q, _splat(builder, ir.Constant(_f32, 127.0), n)])
-        out = builder.fmul(_splat(builder, d, n), q)
-        out = builder.select(zero, ir.Constant(vt, None), out)
+        q, d, zero = _q8_k_grid(builder, args[0])
+        vt = ir.VectorType(_f32, 256)
+        out = builder.select(zero, ir.Constant(vt, None), builder.fmul(_splat(builder, d, 256), q))
         builder.store(out, builder.inttoptr(args[1], vt.as_pointer()), align=4)
         return context.get_dummy_value()
 
@@ -124,15 +134,9 @@ def quant_q8_block(typingctx, x_addr, q_addr, dx_addr, xs_addr):  # type: ignore
     """
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        n = 32
-        x, _, amax = _block(builder, args[0], n)
-        d = builder.fdiv(amax, ir.Constant(_f32, 127.0))
-        nonzero = builder.fcmp_ordered("!=", d, ir.Constant(_f32, 0.0))
-        inv = builder.select(nonzero, builder.fdiv(ir.Constant(_f32, 1.0), d), ir.Constant(_f32, 0.0))
-        dh = builder.fpext(builder.fptrunc(d, ir.HalfType()), _f32)
-        q = _rint(builder, builder.fmul(x, _splat(builder, inv, n)), n)
-        _store_q(builder, q, n, args[1])
-        _store_sums(builder, q, n, 32, dh, args[2], args[3])
+        q, dh = _q8_0_grid(builder, args[0], 32)
+        _store_q(builder, q, 32, args[1])
+        _store_sums(builder, q, 32, 32, dh, args[2], args[3])
         return context.get_dummy_value()
 
     return types.void(types.int64, types.int64, types.int64, types.int64), codegen
@@ -141,26 +145,11 @@ def quant_q8_block(typingctx, x_addr, q_addr, dx_addr, xs_addr):  # type: ignore
 def _quant_q8_k(sub: int):  # type: ignore[no-untyped-def]
     def quant(typingctx, x_addr, q_addr, dx_addr, xs_addr):  # type: ignore[no-untyped-def]
         def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-            n = 256
-            x, ax, amax = _block(builder, args[0], n)
-            hits = builder.bitcast(builder.fcmp_ordered("==", ax, _splat(builder, amax, n)), ir.IntType(n))
-            first = builder.call(
-                _fn(builder, f"llvm.cttz.i{n}", ir.IntType(n), [ir.IntType(n), _i1]), [hits, ir.Constant(_i1, 0)]
-            )
-            lane = builder.trunc(first, ir.IntType(64))
-            mx = builder.load(
-                builder.inttoptr(builder.add(args[0], builder.mul(lane, _c64(4))), _f32.as_pointer()), align=4
-            )
-            zero = builder.fcmp_ordered("==", amax, ir.Constant(_f32, 0.0))
-            iscale = builder.fdiv(ir.Constant(_f32, -127.0), mx)
-            d = builder.select(zero, ir.Constant(_f32, 0.0), builder.fdiv(ir.Constant(_f32, 1.0), iscale))
-            q = _rint(builder, builder.fmul(_splat(builder, iscale, n), x), n)
-            vt = ir.VectorType(_f32, n)
-            minnum = _fn(builder, f"llvm.minnum.v{n}f32", vt, [vt, vt])
-            q = builder.call(minnum, [q, _splat(builder, ir.Constant(_f32, 127.0), n)])
-            q = builder.select(zero, ir.Constant(vt, None), q)
-            _store_q(builder, q, n, args[1])
-            _store_sums(builder, q, n, sub, d, args[2], args[3])
+            q, d, zero = _q8_k_grid(builder, args[0])
+            q = builder.select(zero, ir.Constant(ir.VectorType(_f32, 256), None), q)
+            d = builder.select(zero, ir.Constant(_f32, 0.0), d)
+            _store_q(builder, q, 256, args[1])
+            _store_sums(builder, q, 256, sub, d, args[2], args[3])
             return context.get_dummy_value()
 
         return types.void(types.int64, types.int64, types.int64, types.int64), codegen

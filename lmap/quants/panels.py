@@ -16,15 +16,14 @@ is two or three word operations per 8 weights, not a scalar loop over bytes.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 from llvmlite import ir
-from numba import cfunc, njit, prange, types
+from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from ..errors import InvalidParameterError
 from ..kernels.atomics import atomic_add, store_f32
+from ..kernels.chunks import CfuncTable
 from ..kernels.half import half_to_float
 from ..kernels.igemm import PANEL, VNNI512, load_u8, load_u16, load_u32, store_u32
 from ..kernels.vround import quant_q8_block, quant_q8_k_block_s16, quant_q8_k_block_s32
@@ -260,22 +259,7 @@ def _panel_q6_k(w, ws, rows, cols, x, xst, n, d, s, sst, out, ost, pu, p):  # ty
 
 _PANEL_FUNCS = [_panel_q8_0, _panel_q4_0, _panel_q4_1, _panel_q5_0, _panel_q5_1, _panel_q4_k, _panel_q5_k, _panel_q6_k]
 _PANEL_SIG = types.void(*([types.int64] * 14))
-_compiled: dict[int, object] = {}  # keeps each cfunc (and so its code) alive
-_addresses: dict[int, int] = {}
-_lock = threading.Lock()
-
-
-def _address(fmt: int) -> int:
-    """The native address of format id ``fmt``'s panel function, compiled (or loaded) on first use."""
-    a = _addresses.get(fmt)
-    if a is None:
-        with _lock:
-            a = _addresses.get(fmt)
-            if a is None:
-                f = cfunc(_PANEL_SIG, cache=True)(_PANEL_FUNCS[fmt])
-                _compiled[fmt] = f
-                a = _addresses[fmt] = f.address
-    return a
+_PANELS = CfuncTable(_PANEL_SIG, dict(enumerate(_PANEL_FUNCS)))
 
 
 @intrinsic
@@ -400,7 +384,7 @@ def gemm(
     nt = max(1, min(int(threads), panels.shape[0], n_panels))
     counter[0] = 0
     _gemm(
-        _address(fmt),
+        _PANELS.address(fmt),
         w.ctypes.data,
         w.strides[0],
         rows,
