@@ -18,26 +18,43 @@ import gc
 import logging
 import os
 import sys
+from collections.abc import Iterator
 
 from .errors import LmapError
 
 
 def _numba_without_scipy() -> None:
-    """Let Numba set up its CPU target without importing SciPy's BLAS or CFFI.
+    """Let Numba set up its CPU target, when it compiles, without importing SciPy's BLAS or CFFI.
 
-    Numba's first compile or cache load installs its NumPy support, whose import probes
+    Numba's first compile installs its NumPy support, whose import probes
     ``scipy.linalg.cython_blas`` (0.18 s here) to decide how ``np.dot`` and friends compile in
     jitted code, and its CFFI support, which parses C declarations with pycparser (~0.015 s);
     lmap's kernels use neither. Both are answered "absent" for that set-up only, so anything
-    later in the process can still import them.
+    later in the process can still import them. A warm start loads cached kernels without that
+    set-up at all (``numba_cache.load_without_compiler_setup``), so this costs nothing then.
     """
-    names = [n for n in ("scipy", "cffi") if n not in sys.modules]
+    with _absent("scipy", "cffi"):
+        from numba.core.registry import cpu_target
+
+        ctx = cpu_target.target_context
+    setup = ctx.refresh
+
+    def refresh_without_scipy() -> None:
+        del ctx.refresh  # the first set-up is the costly one; later refreshes are Numba's own
+        with _absent("scipy", "cffi"):
+            setup()
+
+    ctx.refresh = refresh_without_scipy  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _absent(*modules: str) -> Iterator[None]:
+    """Make importing ``modules`` fail while the block runs, unless they are imported already."""
+    names = [n for n in modules if n not in sys.modules]
     for name in names:
         sys.modules[name] = None  # type: ignore[assignment]  # importing under a None entry raises ImportError
     try:
-        from numba.core.registry import cpu_target
-
-        cpu_target.target_context.refresh()
+        yield
     finally:
         for name in names:
             del sys.modules[name]

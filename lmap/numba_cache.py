@@ -64,3 +64,32 @@ def use_source_keyed_cache() -> None:
         import numba
 
         numba.config.CACHE_DIR = str(folder)
+
+
+def load_without_compiler_setup() -> None:
+    """Load cached kernels without first setting up Numba's compiler.
+
+    Numba's ``Cache.load_overload`` refreshes the CPU target before every load: it imports
+    ~70 modules of implementations (NumPy's linalg, typed containers, random generators...) and
+    installs their typing and lowering registries, ~0.2 s of a warm start that only relinks
+    machine code. A load needs none of that, only the runtime (NRT) whose functions cached code
+    calls, so this loads without the refresh. A cache miss still compiles through Numba's
+    compiler, which refreshes both contexts itself (``CompilerBase.__init__``), so a cold start
+    is unchanged. Applied once, to Numba's one file-cache class; if a Numba release renames what
+    this relies on, loads simply keep their refresh.
+    """
+    from numba.core import caching
+    from numba.core.runtime import rtsys
+
+    original = caching.Cache.load_overload
+    if getattr(original, "_lmap_no_refresh", False) or not hasattr(caching.Cache, "_load_overload"):
+        return
+
+    def load_overload(self: caching.Cache, sig: object, target_context: object) -> object:
+        rtsys.initialize(target_context)  # once; cached code links against the NRT's functions
+        with self._guard_against_spurious_io_errors():
+            return self._load_overload(sig, target_context)
+
+    load_overload._lmap_no_refresh = True  # type: ignore[attr-defined]
+    load_overload.__doc__ = original.__doc__
+    caching.Cache.load_overload = load_overload  # type: ignore[method-assign]

@@ -54,3 +54,46 @@ def test_import_points_numba_at_a_source_keyed_folder(tmp_path: Path) -> None:
     assert _cache_dir_in_child(env) == f"{want} {want}"
     env["NUMBA_CACHE_DIR"] = str(tmp_path / "mine")  # the user's choice wins
     assert _cache_dir_in_child(env) == f"{tmp_path / 'mine'} {tmp_path / 'mine'}"
+
+
+_KERNELS = """
+import numba
+import numpy as np
+from numba import prange
+
+
+@numba.njit(cache=True, parallel=True)
+def total(x):
+    s = 0.0
+    for i in prange(x.shape[0]):
+        s += x[i] * 2.0
+    return s
+
+
+@numba.cfunc("float64(float64)", cache=True)
+def halve(v):
+    return v / 2.0
+"""
+
+_USE = """
+import sys
+import numpy as np
+import lmap.kernels  # installs load_without_compiler_setup
+import kernels_mod
+print(kernels_mod.total(np.arange(10.0)), kernels_mod.halve.ctypes(3.0), 'numba.np.linalg' in sys.modules)
+"""
+
+
+def test_warm_start_loads_cached_kernels_without_the_compiler_set_up(tmp_path: Path) -> None:
+    # the first process compiles (Numba's compiler sets itself up); the second only loads: its
+    # parallel kernel and its cfunc must run, and the compiler's registries must stay unimported
+    (tmp_path / "kernels_mod.py").write_text(_KERNELS)
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
+    runs = [
+        subprocess.run([sys.executable, "-c", _USE], capture_output=True, text=True, env=env, timeout=300)
+        for _ in range(2)
+    ]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert runs[0].stdout.split() == ["90.0", "1.5", "True"]
+    assert runs[1].stdout.split() == ["90.0", "1.5", "False"]

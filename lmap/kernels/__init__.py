@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..numba_cache import load_without_compiler_setup
+
 log = logging.getLogger("lmap")
 
 
@@ -36,3 +38,5 @@ def _preload_tbb() -> bool:
 
 if "NUMBA_THREADING_LAYER" not in os.environ:
     os.environ["NUMBA_THREADING_LAYER"] = "tbb" if _preload_tbb() else "workqueue"
+
+load_without_compiler_setup()
