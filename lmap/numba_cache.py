@@ -78,6 +78,7 @@ def load_without_compiler_setup() -> None:
     is unchanged. Applied once, to Numba's one file-cache class; if a Numba release renames what
     this relies on, loads simply keep their refresh.
     """
+    from llvmlite.binding import ffi
     from numba.core import caching
     from numba.core.runtime import rtsys
 
@@ -87,8 +88,18 @@ def load_without_compiler_setup() -> None:
 
     def load_overload(self: caching.Cache, sig: object, target_context: object) -> object:
         rtsys.initialize(target_context)  # once; cached code links against the NRT's functions
-        with self._guard_against_spurious_io_errors():
-            return self._load_overload(sig, target_context)
+        # Numba times its compiles with an event fired on every call into LLVM; a load makes
+        # ~150 such calls (symbol by symbol) and reports no timings, so the callbacks are off
+        # meanwhile (~1 ms per kernel loaded).
+        callbacks = list(getattr(getattr(ffi.lib, "_lock", None), "_cblist", ()))
+        for acquired, released in callbacks:
+            ffi.unregister_lock_callback(acquired, released)
+        try:
+            with self._guard_against_spurious_io_errors():
+                return self._load_overload(sig, target_context)
+        finally:
+            for acquired, released in callbacks:
+                ffi.register_lock_callback(acquired, released)
 
     load_overload._lmap_no_refresh = True  # type: ignore[attr-defined]
     load_overload.__doc__ = original.__doc__
