@@ -200,7 +200,7 @@ def scratch_buffers(
         from .kernels.attention import SCORES_BYTES
 
         group = H // Hkv
-        nb = Hkv * n_ctx * (hdk + hdv) * f4 + B * group * (hdk + hdv) * f4
+        nb = Hkv * n_ctx * (hdk + hdv) * f4 + B * group * (hdk + hdv + 1) * f4  # + 1: the rows' 1 / sum
         nb += max(SCORES_BYTES // 4, group * n_ctx) * f4
         out.append(Buffer("scratch", "prefill attention", nb, detail="f32 K/V copy, Q/O blocks, scores"))
     return out

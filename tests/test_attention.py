@@ -59,7 +59,7 @@ def reference(q, k, v, pos, cell_pos, n_cells, scale, window, softcap):  # type:
 def run_batch(q, k, v, pos, cell_pos, n_cells, scale, window, softcap, n_ctx=None, threads=1):  # type: ignore[no-untyped-def]
     n, nh, hd = q.shape
     w = AttentionScratch(n, n_ctx or k.shape[0], nh, k.shape[1], hd, v.shape[2])
-    for a in (w.k, w.v, w.q, w.s, w.o):
+    for a in (w.k, w.v, w.q, w.s, w.o, w.inv):
         a.fill(np.nan)  # nothing may read scratch it did not write
     out = np.full((n, nh, v.shape[2]), np.nan, np.float32)
     attention_batch(q, k, v, pos, cell_pos, n_cells, scale, window, softcap, w, out, threads)

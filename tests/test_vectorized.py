@@ -155,6 +155,7 @@ def test_prompt_softmax_is_vectorized() -> None:
         np.zeros(64, np.int32),
         0,
         0.0,
+        np.zeros(4, np.float32),
     )
     assert re.search(r"\bvmaxps\b[^\n]*%[yz]mm", asm)
     assert PACKED.search(asm)

@@ -6,8 +6,8 @@ made attention a third of prefill time. Here, per layer, the cache is converted 
 once ([Hkv, C, hd]), then per KV head and block of queries:
 
     S = (Q_g * scale) @ K_h^T      BLAS; Q_g: the group's query heads, [T * group, hd]
-    P = softmax(mask(S))           compiled, parallel over rows, vector exp (``vexp``)
-    O_g = P @ V_h                  BLAS
+    P = exp(mask(S) - max)         compiled, parallel over rows, vector exp (``vexp``)
+    O_g = (P @ V_h) / rowsum(P)    BLAS, then the division on the way out
 
 The causal upper triangle is computed and then masked: BLAS does the full rectangle faster
 than a loop does the triangle. Query blocks keep the score scratch at [T * group, C] with
@@ -28,7 +28,7 @@ from numba import njit, prange
 
 from .half import float_to_half, half_to_float
 from .ops import _f32
-from .vexp import exp8_inplace
+from .vexp import LOWEST, masked_exp_sum, masked_max
 
 SCORES_BYTES = 8 << 20  # score scratch per block of queries
 # Queries per block at most: smaller blocks skip more of the causal triangle (cells past a
@@ -50,6 +50,7 @@ class AttentionScratch:
         self.v = np.zeros((n_head_kv, n_ctx, head_dim_v), np.float32)
         self.q = np.zeros((rows, head_dim_k), np.float32)
         self.o = np.zeros((rows, head_dim_v), np.float32)
+        self.inv = np.zeros(rows, np.float32)  # 1 / softmax sum per row
         # at least one query's group of rows over the whole context
         self.s = np.zeros(max(SCORES_BYTES // 4, group * n_ctx), np.float32)
 
@@ -60,7 +61,7 @@ class AttentionScratch:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.k, self.v, self.q, self.s, self.o))
+        return sum(a.nbytes for a in (self.k, self.v, self.q, self.s, self.o, self.inv))
 
 
 @njit(cache=True, fastmath=True, parallel=True)
@@ -111,19 +112,26 @@ def _gather_q(
 
 
 @njit(cache=True, fastmath=True, nogil=True)
-def _scatter_o(o: np.ndarray, t0: int, t1: int, h0: int, group: int, out: np.ndarray) -> None:
+def _scatter_o(o: np.ndarray, inv: np.ndarray, t0: int, t1: int, h0: int, group: int, out: np.ndarray) -> None:
+    """out[t, h0 + g] = o[r] * inv[r]: the softmax's normalization, applied to the output rows."""
     for t in range(t0, t1):
         for g in range(group):
             r = (t - t0) * group + g
             for i in range(o.shape[1]):
-                out[t, h0 + g, i] = o[r, i]
+                out[t, h0 + g, i] = o[r, i] * inv[r]
 
 
 @njit(cache=True, fastmath=True, inline="always")
-def _softmax_row(s, r, group, pos, cell_pos, window, softcap):  # type: ignore[no-untyped-def]
+def _softmax_row(s, r, group, pos, cell_pos, window, softcap, inv):  # type: ignore[no-untyped-def]
+    """row r of s: exp(score - max) of the cells query r // group sees, 0 elsewhere; inv[r] = 1 / their sum.
+
+    Two passes over the row (the mask and its max, then exp and the sum), the 1 / sum left to
+    the output rows (``_scatter_o``, hd values instead of n_cells): a block of scores outgrows
+    L2 at long contexts, and the five passes this replaced (mask, shift, exp, sum, scale) made
+    the softmax cost as much as both products around it.
+    """
     n_cells = s.shape[1]
     cap = np.float32(softcap)
-    ninf = np.float32(-np.inf)
     n8 = n_cells // 8 * 8
     p = pos[r // group]
     lo = p - window if window > 0 else -1
@@ -131,56 +139,49 @@ def _softmax_row(s, r, group, pos, cell_pos, window, softcap):  # type: ignore[n
     if cap > 0.0:
         for j in range(n_cells):
             row[j] = cap * np.float32(math.tanh(row[j] / cap))
-    mx = ninf
-    seen = 0
-    for j in range(n_cells):  # branch-free so it vectorizes
+    lowest = np.float32(LOWEST)
+    mx = masked_max(row.ctypes.data, cell_pos.ctypes.data, n8, p, lo)
+    for j in range(n8, n_cells):
         cp = cell_pos[j]
-        ok = (cp >= 0) & (cp <= p) & (cp > lo)
-        d = row[j] if ok else ninf
-        row[j] = d
-        mx = max(mx, d)
-        seen |= ok
-    # nothing visible: output zeros (tested on an integer: under fast-math LLVM may assume no
+        if cp >= 0 and cp <= p and cp > lo:
+            mx = max(mx, row[j])
+    # nothing visible: output zeros (flagged by a finite float: under fast-math LLVM may assume no
     # float is infinite and fold a test of mx == -inf away, as it did once this was inlined)
-    if not seen:
+    if mx == lowest:
         for j in range(n_cells):
             row[j] = np.float32(0.0)
+        inv[r] = np.float32(0.0)
         return
-    for j in range(n_cells):
-        row[j] -= mx
-    base = row.ctypes.data
-    for j in range(0, n8, 8):
-        exp8_inplace(base + 4 * j)
+    total = masked_exp_sum(row.ctypes.data, cell_pos.ctypes.data, n8, p, lo, mx)
     for j in range(n8, n_cells):
-        row[j] = np.float32(math.exp(row[j]))
-    total = np.float32(0.0)
-    for j in range(n_cells):
+        cp = cell_pos[j]
+        ok = (cp >= 0) & (cp <= p) & (cp > lo)
+        row[j] = np.float32(math.exp(row[j] - mx)) if ok else np.float32(0.0)
         total += row[j]
-    inv = np.float32(1.0) / total
-    for j in range(n_cells):
-        row[j] *= inv
+    inv[r] = np.float32(1.0) / total
 
 
 @njit(cache=True, fastmath=True, parallel=True)
 def _masked_softmax(
-    s: np.ndarray,  # [rows, n_cells]: scores in, probabilities out
+    s: np.ndarray,  # [rows, n_cells]: scores in, unnormalized probabilities out
     group: int,
     pos: np.ndarray,  # positions of this block's queries (row r is query r // group)
     cell_pos: np.ndarray,
     window: int,
     softcap: float,
+    inv: np.ndarray,  # [rows]: 1 / each row's sum out
 ) -> None:
     for r in prange(s.shape[0]):
-        _softmax_row(s, r, group, pos, cell_pos, window, softcap)
+        _softmax_row(s, r, group, pos, cell_pos, window, softcap, inv)
 
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _masked_softmax_serial(
-    s: np.ndarray, group: int, pos: np.ndarray, cell_pos: np.ndarray, window: int, softcap: float
+    s: np.ndarray, group: int, pos: np.ndarray, cell_pos: np.ndarray, window: int, softcap: float, inv: np.ndarray
 ) -> None:
     """:func:`_masked_softmax` on the calling thread, without the GIL (one block per thread)."""
     for r in range(s.shape[0]):
-        _softmax_row(s, r, group, pos, cell_pos, window, softcap)
+        _softmax_row(s, r, group, pos, cell_pos, window, softcap, inv)
 
 
 @njit(cache=True, nogil=True)
@@ -235,6 +236,7 @@ def attention_batch(
 
     def run(part: int, mine: list[tuple[int, int]]) -> None:
         qbuf, obuf = w.q[part * rows_cap : (part + 1) * rows_cap], w.o[part * rows_cap : (part + 1) * rows_cap]
+        ibuf = w.inv[part * rows_cap : (part + 1) * rows_cap]
         sbuf = w.s[part * s_cap : (part + 1) * s_cap]
         softmax = _masked_softmax if parts == 1 else _masked_softmax_serial
         for t0, h in mine:
@@ -247,9 +249,9 @@ def attention_batch(
             s = sbuf[: rows * nc].reshape(rows, nc)
             _gather_q(q, t0, t1, h * group, group, scale, k.dtype == np.uint16, qg)
             np.matmul(qg, kf[h, j0:j1].T, out=s)
-            softmax(s, group, pb, cell_pos[j0:j1], window, softcap)
+            softmax(s, group, pb, cell_pos[j0:j1], window, softcap, ibuf)
             np.matmul(s, vf[h, j0:j1], out=o)
-            _scatter_o(o, t0, t1, h * group, group, out)
+            _scatter_o(o, ibuf, t0, t1, h * group, group, out)
 
     if parts == 1:
         run(0, items)
