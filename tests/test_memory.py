@@ -80,9 +80,11 @@ def _load(path: object, mode: str, limit: int | None = None) -> dict:  # type: i
 
 @pytest.mark.slow
 def test_no_mmap_same_tokens_in_anonymous_memory(smollm2_path: object) -> None:
-    # a first load fills Numba's cache: on a fresh one (CI's first run after a kernel change) the
-    # measured load would hold its compiler's memory too, ~40 MiB of RssAnon in one process only
+    # a first load of each mode fills Numba's cache: on a fresh one (CI's first run after a kernel
+    # change) the measured load would hold its compiler's memory too, ~40 MiB of RssAnon and LLVM's
+    # pages, in one process only; a copied file's writable arrays compile kernels of their own
     _load(smollm2_path, "mmap")
+    _load(smollm2_path, "no-mmap")
     mapped = _load(smollm2_path, "mmap")
     copied = _load(smollm2_path, "no-mmap")
     assert copied["tokens"] == mapped["tokens"]
