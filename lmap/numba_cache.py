@@ -14,6 +14,7 @@ import hashlib
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 KEEP = 3  # source versions whose caches are kept (a few checkouts or venvs side by side)
@@ -104,3 +105,19 @@ def load_without_compiler_setup() -> None:
     load_overload._lmap_no_refresh = True  # type: ignore[attr-defined]
     load_overload.__doc__ = original.__doc__
     caching.Cache.load_overload = load_overload  # type: ignore[method-assign]
+    _initialize_runtime_in_background(rtsys)
+
+
+def _initialize_runtime_in_background(rtsys: object) -> None:
+    """Compile the NRT's functions (~20 ms, mostly inside LLVM without the GIL) while start-up imports
+    and parses on; the first kernel load waits for it on Numba's compiler lock."""
+    from numba.core.compiler_lock import global_compiler_lock
+    from numba.core.registry import cpu_target
+
+    ctx = cpu_target.target_context  # made here, on the importing thread, never by two threads at once
+
+    def run() -> None:
+        with global_compiler_lock:
+            rtsys.initialize(ctx)  # type: ignore[attr-defined]
+
+    threading.Thread(target=run, name="lmap-nrt", daemon=True).start()
