@@ -36,9 +36,10 @@ MiB = 1 << 20
 # file-backed part is the shared libraries (libpython, NumPy's BLAS, LLVM, TBB); the anonymous
 # part the interpreter's heap, module objects and the compiled code. Down from 78 / 103 MiB since
 # cached kernels load without Numba's compiler set-up (numba_cache.load_without_compiler_setup),
-# which imported SciPy and ~70 modules of Numba implementations (2026-12-06: a warm process with
-# gemma3 at n_ctx 2048 measured 171.9 MiB anonymous against 171.4 planned).
-RUNTIME_ANON = 52 * MiB
+# which imported SciPy and ~70 modules of Numba implementations, and without parsing their LLVM
+# bitcode (2026-12-06: a warm process with gemma3 at n_ctx 2048 measured 166.5 MiB anonymous
+# against 166.4 planned; SmolLM2 163.7 against 165.4).
+RUNTIME_ANON = 47 * MiB
 RUNTIME_FILE = 94 * MiB
 
 # Tokenizer tables (measured RssAnon growth of parsing the GGUF metadata and building the

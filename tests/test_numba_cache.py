@@ -73,6 +73,11 @@ def total(x):
 @numba.cfunc("float64(float64)", cache=True)
 def halve(v):
     return v / 2.0
+
+
+@numba.njit  # not cached: compiled in each process, linking the cached kernel in
+def twice_total(x):
+    return 2.0 * total(x)
 """
 
 _USE = """
@@ -80,13 +85,17 @@ import sys
 import numpy as np
 import lmap.kernels  # installs load_without_compiler_setup
 import kernels_mod
-print(kernels_mod.total(np.arange(10.0)), kernels_mod.halve.ctypes(3.0), 'numba.np.linalg' in sys.modules)
+linalg = 'numba.np.linalg' in sys.modules  # before a compile sets the compiler up
+x = np.arange(10.0)
+print(kernels_mod.total(x), kernels_mod.halve.ctypes(3.0), linalg, kernels_mod.twice_total(x[:4]))
 """
 
 
 def test_warm_start_loads_cached_kernels_without_the_compiler_set_up(tmp_path: Path) -> None:
     # the first process compiles (Numba's compiler sets itself up); the second only loads: its
-    # parallel kernel and its cfunc must run, and the compiler's registries must stay unimported
+    # parallel kernel and its cfunc must run, the compiler's registries stay unimported until a
+    # new function is compiled, and that one can link the loaded kernel in (its bitcode, not parsed
+    # at load, is parsed then)
     (tmp_path / "kernels_mod.py").write_text(_KERNELS)
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
     runs = [
@@ -95,5 +104,23 @@ def test_warm_start_loads_cached_kernels_without_the_compiler_set_up(tmp_path: P
     ]
     for r in runs:
         assert r.returncode == 0, r.stderr
-    assert runs[0].stdout.split() == ["90.0", "1.5", "True"]
-    assert runs[1].stdout.split() == ["90.0", "1.5", "False"]
+    assert runs[0].stdout.split() == ["90.0", "1.5", "True", "24.0"]
+    assert runs[1].stdout.split() == ["90.0", "1.5", "False", "24.0"]
+
+
+def test_elf_symbols_of_an_object_and_of_anything_else() -> None:
+    import numba
+
+    from lmap.numba_cache import elf_defined_symbols
+
+    @numba.njit
+    def add_one(v: float) -> float:
+        return v + 1.0
+
+    add_one(1.0)
+    library = add_one.overloads[add_one.signatures[0]].library
+    obj = library._get_compiled_object() if library._object_caching_enabled else library.emit_native_object()
+    names = elf_defined_symbols(obj)
+    assert names is not None and any("add_one" in n for n in names)
+    for junk in (b"", b"\x7fELF" + bytes(60), b"MZ" + bytes(100), obj[:100]):
+        assert elf_defined_symbols(junk) is None  # not ELF64, or cut short: Numba's own path
