@@ -115,6 +115,8 @@ def _fmadd(builder: ir.IRBuilder, a: ir.Value, b: ir.Value, c: ir.Value) -> ir.V
 # AVX2's vpmaddubsw + vpmaddwd do a block in two instructions, as in llama.cpp; the portable
 # IR below is correct everywhere but LLVM lowers it to ~4x more instructions on x86.
 AVX2 = SIMD != "portable" and _host_has("avx2")
+# F16C's vcvtph2ps converts the blocks' half-precision scales (every AVX2 CPU has it)
+F16C = AVX2 and _host_has("f16c")
 # VNNI's vpdpbusd does both steps in one instruction (AVX-VNNI, or AVX512-VNNI on 256-bit
 # registers). Same integer sums: |q| * x pairs never saturate vpmaddubsw's i16 (2 * 128 * 127).
 VNNI = SIMD == "auto" and AVX2 and (_host_has("avxvnni") or (_host_has("avx512vnni") and _host_has("avx512vl")))
