@@ -37,6 +37,7 @@ from .gguf import GGUFFile
 from .grammar import Grammar, Matcher, TokenVocab, sample_with_grammar
 from .kv_cache import KVCache
 from .models import Scratch, load_model
+from .models.base import needs_tile
 from .plan import context_arrays, prefault, prefault_in_background
 from .registry import resolve_model
 from .residency import Residency
@@ -148,7 +149,10 @@ class Llama:
         )
         if activations not in ("q8", "f32"):
             raise InvalidParameterError(f"activations={activations!r}: expected 'q8' (as llama.cpp) or 'f32' (exact)")
-        self._scratch = Scratch(hp, self.n_batch, self._n_ctx, self.n_batch if logits_all else 1, activations)
+        m = self._model
+        tile = needs_tile([w.fid for w in m.layer_matrices()], m.output.fid, activations)
+        rows = self.n_batch if logits_all else 1
+        self._scratch = Scratch(hp, self.n_batch, self._n_ctx, rows, activations, tile=tile)
         # resident now rather than page by page as the context fills: RSS stays flat while it talks
         # (the KV cache on another thread while the kernels load; joined before __init__ returns)
         kv_prefault = prefault_in_background(self._kv.k + self._kv.v)

@@ -166,7 +166,14 @@ def kv_buffers(
 
 
 def scratch_buffers(
-    hp: HParams, n_batch: int, n_ctx: int, logits_rows: int, activations: str = "q8", n_seq: int = 1, n_threads: int = 0
+    hp: HParams,
+    n_batch: int,
+    n_ctx: int,
+    logits_rows: int,
+    activations: str = "q8",
+    n_seq: int = 1,
+    n_threads: int = 0,
+    tile: bool = True,
 ) -> list[Buffer]:
     """What :class:`~lmap.models.base.Scratch` allocates, by the same shapes.
 
@@ -184,7 +191,9 @@ def scratch_buffers(
         Buffer("scratch", "x, xb, xb2", 3 * B * d * f4, detail=f"3 x [{B}, {d}] f32"),
         Buffer("scratch", "q, k, v, att", B * (H * (hdk + hdv) + Hkv * (hdk + hdv)) * f4),
         Buffer("scratch", "hb, hb2", 2 * B * ff * f4, detail=f"2 x [{B}, {ff}] f32"),
-        Buffer("scratch", "dequant tile", max(Scratch.tile_elements(hp), max_cols) * f4, detail="prefill weight tile"),
+        Buffer("scratch", "dequant tile", max(Scratch.tile_elements(hp), max_cols) * f4, detail="prefill weight tile")
+        if tile
+        else Buffer("scratch", "dequant tile", max_cols * f4, detail="one row: every prompt product is integer"),
         Buffer("scratch", "attention scores", n_threads * n_ctx * f4, detail=f"[{n_threads} threads, {n_ctx}]"),
         Buffer("scratch", "rope cos/sin", 4 * B * half * f4),
         Buffer("scratch", "cells, spans", 2 * B * 4 + 2 * B * 2 * 4),
@@ -244,6 +253,7 @@ def plan(
     n_merges: int = 0,
     n_threads: int = 0,
     runtime: bool = True,
+    tile: bool = True,
 ) -> MemoryPlan:
     """Every buffer of a context, as :class:`~lmap.llama.Llama` would allocate it.
 
@@ -258,7 +268,8 @@ def plan(
         how = f"mapped {file_bytes / MiB:.1f} MiB" if use_mmap else "read into memory"
         p.buffers.append(Buffer("weights", "tensors", weight_bytes, file_backed=use_mmap, detail=how))
     p.buffers += kv_buffers(hp, n_ctx, n_batch, swa, type_k, type_v, n_seq)
-    p.buffers += scratch_buffers(hp, n_batch, n_ctx, n_batch if logits_all else 1, activations, n_seq, n_threads)
+    rows = n_batch if logits_all else 1
+    p.buffers += scratch_buffers(hp, n_batch, n_ctx, rows, activations, n_seq, n_threads, tile)
     p.buffers += llama_buffers(hp, n_ctx, n_batch, logits_all)
     p.buffers.append(
         Buffer("tokenizer", "vocabulary tables", tokenizer_estimate(hp.n_vocab, n_merges), detail="estimate")
@@ -306,9 +317,25 @@ def plan_for_file(
             file_bytes=Path(path).stat().st_size,
             use_mmap=use_mmap,
             n_merges=len(merges) if merges is not None else 0,
+            tile=_needs_tile(g),
         )
     finally:
         g.close()
+
+
+def _needs_tile(g: object) -> bool:
+    """:func:`~lmap.models.base.needs_tile` from the file's tensor formats (as Llama decides it)."""
+    from .models.base import needs_tile
+    from .quants import panels
+
+    def fid(name: str) -> int:
+        info = g.tensors[name]  # type: ignore[attr-defined]
+        return panels.format_id(info.format.name, info.shape[1], info.shape[0])
+
+    tensors = g.tensors  # type: ignore[attr-defined]
+    layer = [fid(n) for n, t in tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
+    output = fid("output.weight" if "output.weight" in tensors else "token_embd.weight")
+    return needs_tile(layer, output, "q8")
 
 
 def _swa_layers(g: object, hp: HParams, cls: object) -> list[bool]:

@@ -13,7 +13,7 @@ import pytest
 
 from lmap.kv_cache import KVCache
 from lmap.models.base import HParams, Scratch
-from lmap.plan import MiB, context_arrays, kv_buffers, plan, prefault, scratch_buffers
+from lmap.plan import MiB, context_arrays, kv_buffers, plan, plan_for_file, prefault, scratch_buffers
 
 
 def _hp(**kw: object) -> HParams:
@@ -142,3 +142,31 @@ def test_info_memory_cli(smollm2_path: object, capsys: pytest.CaptureFixture[str
     assert plan_for_file(smollm2_path, n).total <= 400 * MiB < plan_for_file(smollm2_path, n + 256).total  # type: ignore[arg-type]
     assert main(["info", str(smollm2_path), "--memory", "--mem-budget", "100M"]) == 0
     assert "no context fits" in capsys.readouterr().out
+
+
+def test_needs_tile_only_where_a_prompt_product_dequantizes() -> None:
+    from lmap.models.base import needs_tile
+    from lmap.quants import panels
+
+    if not panels.VNNI512:  # every prompt product dequantizes tiles on this CPU
+        assert needs_tile([0, 1], 0, "q8")
+        return
+    assert not needs_tile([0, 1], 0, "q8")
+    assert needs_tile([0, 1], -1, "q8")  # an output matrix without a packer: logits of several rows
+    assert needs_tile([0, -1], 0, "q8")  # one matrix of a format without a packer
+    assert needs_tile([0, 1], 0, "f32")  # exact float products go through BLAS
+    assert needs_tile([], 0, "q8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logits_all", [False, True])
+def test_plan_for_file_decides_the_tile_as_llama_does(smollm2_path: object, logits_all: bool) -> None:
+    from lmap.llama import Llama
+    from lmap.quants import panels
+
+    llm = Llama(smollm2_path, n_ctx=512, logits_all=logits_all, verbose=False)  # type: ignore[arg-type]
+    planned = plan_for_file(smollm2_path, 512, logits_all=logits_all)  # type: ignore[arg-type]
+    assert [b.nbytes for b in planned.buffers if b.name == "dequant tile"] == [llm._scratch.tile.nbytes]
+    hp = llm._model.hp
+    one_row = llm._scratch.tile.size == max(hp.n_embd, hp.n_ff, hp.n_head * hp.head_dim_v)
+    assert one_row == panels.VNNI512  # SmolLM2's Q4_1 and Q8_0 all take the integer panel GEMM here

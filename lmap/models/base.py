@@ -176,7 +176,14 @@ class Scratch:
         return max(cls.TILE_ELEMENTS, min(largest, cls.TILE_MAX))
 
     def __init__(
-        self, hp: HParams, n_batch: int, n_ctx: int, logits_rows: int, activations: str = "q8", n_seq: int = 1
+        self,
+        hp: HParams,
+        n_batch: int,
+        n_ctx: int,
+        logits_rows: int,
+        activations: str = "q8",
+        n_seq: int = 1,
+        tile: bool = True,
     ) -> None:
         B = n_batch
         d, H, Hkv = hp.n_embd, hp.n_head, hp.n_head_kv
@@ -190,7 +197,9 @@ class Scratch:
         self.hb = np.zeros((B, hp.n_ff), np.float32)
         self.hb2 = np.zeros((B, hp.n_ff), np.float32)
         max_cols = max(d, hp.n_ff, H * hp.head_dim_v)
-        self.tile = np.zeros(max(self.tile_elements(hp), max_cols), np.float32)
+        # one row where no prompt product dequantizes weights (see needs_tile): a path that still
+        # did would run, a row at a time, rather than fail
+        self.tile = np.zeros(max(self.tile_elements(hp), max_cols) if tile else max_cols, np.float32)
         # xq [B * max_cols]: activations rounded as llama.cpp rounds them; None = exact float32 products
         self.xq = ActScratch(B, max_cols) if activations == "q8" else None
         self.scores = np.zeros((numba.config.NUMBA_NUM_THREADS, n_ctx), np.float32)
@@ -215,6 +224,16 @@ class Scratch:
         extra = (self.xq.nbytes if self.xq is not None else 0) + (self.acts.nbytes if self.acts is not None else 0)
         extra += self.attn.nbytes if self.attn is not None else 0
         return extra + sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+
+
+def needs_tile(layer_fids: list[int], output_fid: int, activations: str) -> bool:
+    """Whether a prompt product may dequantize weight tiles for BLAS, given the panel ids
+    (``panels.format_id``) of the layer matrices and of the output matrix: not when every one
+    takes the integer panel GEMM (the output meets several rows with ``logits_all`` and in
+    perplexity's projections)."""
+    if activations != "q8" or not panels.VNNI512 or not layer_fids:
+        return True
+    return not all(f >= 0 for f in layer_fids) or output_fid < 0
 
 
 def _team_rows(x: np.ndarray, s: Scratch, rows: bool) -> bool:
@@ -446,10 +465,14 @@ class Model:
         """The architecture's forward pass (see :meth:`forward`)."""
         raise NotImplementedError
 
+    def layer_matrices(self) -> list[QMatrix]:
+        """Every weight matrix of the layers (not the embedding or output)."""
+        return [m for L in getattr(self, "layers", []) for m in vars(L).values() if isinstance(m, QMatrix)]
+
     @functools.cached_property
     def integer_prompts(self) -> bool:
         """True when every layer matrix takes the integer panel GEMM in prompt batches."""
-        mats = [m for L in getattr(self, "layers", []) for m in vars(L).values() if isinstance(m, QMatrix)]
+        mats = self.layer_matrices()
         return bool(mats) and all(m.fid >= 0 for m in mats)
 
 
