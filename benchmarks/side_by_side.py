@@ -65,17 +65,17 @@ def llama_cpp_bin(explicit: str | None) -> Path:
     return Path(r.stdout)
 
 
-def llama_bench(bin_dir: Path, model: Path, p: int, n: int, t: int) -> dict[str, float]:
+def llama_bench(bin_dir: Path, model: Path, p: int, n: int, t: int, d: int = 0) -> dict[str, float]:
     cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-p", str(p), "-n", str(n), "-r", "1", "-t", str(t)]
     out: dict[str, float] = {}
-    for row in json.loads(run([*cmd, "-o", "json"]).stdout):
+    for row in json.loads(run([*cmd, "-d", str(d), "-o", "json"]).stdout):
         test = f"pp{row['n_prompt']}" if row["n_prompt"] else f"tg{row['n_gen']}"
-        out[test] = float(row["avg_ts"])
+        out[test + (f" @ d{row['n_depth']}" if row.get("n_depth") else "")] = float(row["avg_ts"])
     return out
 
 
-def lmap_bench(model: Path, p: int, n: int, t: int) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "lmap", "bench", "-m", str(model), "-p", str(p), "-n", str(n), "-r", "1"]
+def lmap_bench(model: Path, p: int, n: int, t: int, d: int = 0) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "lmap", "bench", "-m", str(model), "-p", str(p), "-n", str(n), "-d", str(d), "-r", "1"]
     # the triad is irrelevant to a ratio and would cost 768 MiB and a second per call
     res = json.loads(run([*cmd, "-t", str(t), "-o", "json", "--stream-mib", "0"]).stdout)["results"]
     return {row["test"]: float(row["avg_ts"]) for row in res}
@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-r", "--rounds", type=int, default=5, help="alternating rounds (default 5)")
     ap.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens (default 512)")
     ap.add_argument("-n", "--n-gen", type=int, default=128, help="generated tokens (default 128)")
+    ap.add_argument("-d", "--n-depth", type=int, default=0, help="tokens in the context before each test (default 0)")
     ap.add_argument("--llama-bin", default=None, help="llama.cpp bin folder (default: build with the project script)")
     ap.add_argument("--no-ttft", action="store_true", help="skip the time-to-first-token comparison")
     ap.add_argument("--ttft-only", action="store_true", help="only the time-to-first-token comparison")
@@ -136,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             for engine in order:
                 log(f"[side_by_side] round {rnd + 1}/{args.rounds}, {t} thread(s): {engine}")
                 if engine == "llama.cpp":
-                    got = llama_bench(bin_dir, model, args.n_prompt, args.n_gen, t)
+                    got = llama_bench(bin_dir, model, args.n_prompt, args.n_gen, t, args.n_depth)
                 else:
-                    got = lmap_bench(model, args.n_prompt, args.n_gen, t)
+                    got = lmap_bench(model, args.n_prompt, args.n_gen, t, args.n_depth)
                 for test, ts in got.items():
                     samples.setdefault(test, {}).setdefault(t, {e: [] for e in ENGINES})[engine].append(ts)
 
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"model: {model}")
     print(
-        f"{args.rounds} alternating rounds, -p {args.n_prompt} -n {args.n_gen}, medians of per-round tok/s; "
+        f"{args.rounds} alternating rounds, -p {args.n_prompt} -n {args.n_gen} -d {args.n_depth}, "
+        "medians of per-round tok/s; "
         f"load avg at start {load0[0]:.2f}, at end {os.getloadavg()[0]:.2f}"
     )
     for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
@@ -204,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds,
             "n_prompt": args.n_prompt,
             "n_gen": args.n_gen,
+            "n_depth": args.n_depth,
             "llama_cpp_bin": str(bin_dir),
             "system": {
                 "cpu": platform.processor() or platform.machine(),

@@ -6,6 +6,8 @@ What is timed follows llama-bench (examples/llama-bench), so the two tables comp
   the rest random with a fixed seed) in ``n_batch`` chunks. No sampling.
 - ``tg<N>``: clear the context, then evaluate N single tokens from an empty context, each a
   random id (a sampled token would cost the same forward pass; sampling is not timed).
+- ``-d D`` (``pp<P> @ d<D>``, ``tg<N> @ d<D>``): each run first evaluates D random tokens,
+  untimed, so the timed part attends over a context of D more cells (llama-bench's ``-d``).
 - Each test runs once untimed first (llama-bench's warm-up: the whole prompt for pp, one token
   for tg), then ``reps`` timed times; tok/s is the mean ± sample sd over the repetitions.
 
@@ -75,6 +77,7 @@ class BenchResult:
     stddev_ts: float
     gbps: float | None = None  # weights streamed per second (tg rows only)
     pct_bandwidth: float | None = None  # gbps / the machine's triad bandwidth
+    n_depth: int = 0  # tokens already in the context when the timed part starts
 
 
 @dataclass
@@ -161,15 +164,19 @@ def _prompt_tokens(llm: Llama, n: int, seed: int) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _time_pp(llm: Llama, tokens: Sequence[int]) -> float:
+def _time_pp(llm: Llama, tokens: Sequence[int], depth: Sequence[int] = ()) -> float:
     llm.reset()
+    if depth:
+        llm.eval(depth)  # untimed, as llama-bench's -d
     t0 = time.perf_counter()
     llm.eval(tokens)
     return time.perf_counter() - t0
 
 
-def _time_tg(llm: Llama, tokens: Sequence[int]) -> float:
+def _time_tg(llm: Llama, tokens: Sequence[int], depth: Sequence[int] = ()) -> float:
     llm.reset()
+    if depth:
+        llm.eval(depth)
     t0 = time.perf_counter()
     for tok in tokens:
         llm.eval([tok])
@@ -187,21 +194,28 @@ def run_bench(
     bytes_per_token: int | None = None,
     bandwidth: float | None = None,
     on_result: Callable[[BenchResult], None] | None = None,
+    n_depth: int = 0,
 ) -> list[BenchResult]:
-    """Time pp``n_prompt`` and tg``n_gen`` at each thread count (llama-bench's order: threads outer)."""
+    """Time pp``n_prompt`` and tg``n_gen`` at each thread count (llama-bench's order: threads outer).
+
+    With ``n_depth`` each timed run starts after that many (untimed) tokens, as llama-bench's
+    ``-d``: the rows read ``pp512 @ d2048``, and show what attention over a long context costs.
+    """
     from .threads import set_threads
 
     prompt = _prompt_tokens(llm, n_prompt, TOKEN_SEED)
     gen = _prompt_tokens(llm, n_gen, TOKEN_SEED + 1)
+    depth = _prompt_tokens(llm, n_depth, TOKEN_SEED + 2)
+    at = f" @ d{n_depth}" if n_depth else ""
     results: list[BenchResult] = []
     for t in threads:
         set_threads(t)  # Numba's pool and the BLAS pool prefill uses, as llama-bench's -t
         llm.n_threads = t
         tests: list[tuple[str, int, int, Callable[[], float]]] = []
         if n_prompt > 0:
-            tests.append((f"pp{n_prompt}", n_prompt, 0, lambda: _time_pp(llm, prompt)))
+            tests.append((f"pp{n_prompt}{at}", n_prompt, 0, lambda: _time_pp(llm, prompt, depth)))
         if n_gen > 0:
-            tests.append((f"tg{n_gen}", 0, n_gen, lambda: _time_tg(llm, gen)))
+            tests.append((f"tg{n_gen}{at}", 0, n_gen, lambda: _time_tg(llm, gen, depth)))
         for name, np_, ng, timed in tests:
             if warmup:
                 if np_:
@@ -211,7 +225,7 @@ def run_bench(
             samples = [(np_ + ng) / timed() for _ in range(reps)]
             avg = statistics.fmean(samples)
             sd = statistics.stdev(samples) if len(samples) > 1 else 0.0
-            r = BenchResult(t, name, np_, ng, llm.n_batch, samples, avg, sd)
+            r = BenchResult(t, name, np_, ng, llm.n_batch, samples, avg, sd, n_depth=n_depth)
             if ng and bytes_per_token is not None:
                 r.gbps = bytes_per_token * avg / 1e9
                 if bandwidth:
@@ -374,6 +388,7 @@ CSV_FIELDS = (
     "test",
     "n_prompt",
     "n_gen",
+    "n_depth",
     "n_batch",
     "avg_ts",
     "stddev_ts",
@@ -432,6 +447,8 @@ def _check_args(args: argparse.Namespace, threads: list[int]) -> None:
 
     if args.n_prompt < 0 or args.n_gen < 0:
         raise InvalidParameterError(f"-p and -n must be >= 0, got -p {args.n_prompt} -n {args.n_gen}")
+    if args.n_depth < 0:
+        raise InvalidParameterError(f"-d must be >= 0, got {args.n_depth}")
     if args.n_prompt == 0 and args.n_gen == 0:
         raise InvalidParameterError("-p and -n are both 0: nothing to time")
     if args.repetitions < 1:
@@ -465,7 +482,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     fmt = args.output
     llm = Llama(
         args.model,
-        n_ctx=args.n_prompt + args.n_gen,
+        n_ctx=args.n_depth + args.n_prompt + args.n_gen,
         n_batch=args.batch_size,
         n_threads=threads[0],
         verbose=args.verbose,
@@ -514,6 +531,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bytes_per_token=model.bytes_per_token,
         bandwidth=None if bandwidth is None else bandwidth["gbps"] * 1e9,
         on_result=on_result,
+        n_depth=args.n_depth,
     )
     if fmt == "json":
         emit(json.dumps(report.to_json(), indent=2))
@@ -528,17 +546,28 @@ def _print_profiles(llm: Llama, args: argparse.Namespace, threads: int) -> None:
     from .threads import set_threads
 
     set_threads(threads)
+    depth = _prompt_tokens(llm, args.n_depth, TOKEN_SEED + 2)
+    at = f" @ d{args.n_depth}" if args.n_depth else ""
+
+    def fill() -> None:  # the depth tokens, outside the profile
+        llm.reset()
+        if depth:
+            llm.eval(depth)
+
     if args.n_gen > 0:
         gen = _prompt_tokens(llm, args.n_gen, TOKEN_SEED + 1)
         _time_tg(llm, gen[:1])
+        fill()
         with profiling(llm._model) as prof:
-            _time_tg(llm, gen)
-        print("\n" + prof.table(f"tg{args.n_gen} profile, -t {threads}"), file=sys.stderr)
+            for tok in gen:
+                llm.eval([tok])
+        print("\n" + prof.table(f"tg{args.n_gen}{at} profile, -t {threads}"), file=sys.stderr)
     if args.n_prompt > 0:
         prompt = _prompt_tokens(llm, args.n_prompt, TOKEN_SEED)
+        fill()
         with profiling(llm._model) as prof:
-            _time_pp(llm, prompt)
-        print("\n" + prof.table(f"pp{args.n_prompt} profile, -t {threads}"), file=sys.stderr)
+            llm.eval(prompt)
+        print("\n" + prof.table(f"pp{args.n_prompt}{at} profile, -t {threads}"), file=sys.stderr)
     llm.reset()
 
 
@@ -550,6 +579,13 @@ def add_bench_parser(sub: Any) -> argparse.ArgumentParser:
     b.add_argument("-m", "--model", default=None, help="path to a .gguf file or a model name (default smollm2-135m)")
     b.add_argument("-p", "--n-prompt", type=int, default=512, help="prompt tokens for the pp test; 0 = skip (512)")
     b.add_argument("-n", "--n-gen", type=int, default=128, help="tokens for the tg test; 0 = skip (default 128)")
+    b.add_argument(
+        "-d",
+        "--n-depth",
+        type=int,
+        default=0,
+        help="tokens already in the context before each test, as llama-bench's -d (0)",
+    )
     b.add_argument("-t", "--threads", default=None, help="thread counts, e.g. 1,2 or 1-4 (default: all cores)")
     b.add_argument("-r", "--repetitions", type=int, default=5, help="timed runs per test (default 5)")
     b.add_argument("-b", "--batch-size", type=int, default=512, help="prompt tokens per forward pass (default 512)")

@@ -112,6 +112,7 @@ def test_bad_arguments_fail_in_one_line() -> None:
     assert_one_line_error(lmap("bench", "-t", "0"), "-t 0")
     assert_one_line_error(lmap("bench", "-t", "1,x"), "-t")
     assert_one_line_error(lmap("bench", "-r", "0"), "-r")
+    assert_one_line_error(lmap("bench", "-d", "-1"), "-d")
 
 
 # ---------------------------------------------------------------------- the command on a real model
@@ -139,6 +140,16 @@ def test_bench_json(smollm2_path: Path) -> None:
     assert (tg["n_prompt"], tg["n_gen"]) == (0, 4)
     assert positive(tg["gbps"]) and positive(tg["pct_bandwidth"])
     assert tg["gbps"] == pytest.approx(m["bytes_per_token"] * tg["avg_ts"] / 1e9)
+
+
+@pytest.mark.slow
+def test_bench_at_depth(smollm2_path: Path) -> None:
+    # llama-bench's -d: each timed run starts after that many tokens; the rows say so
+    r = lmap("bench", "-m", "smollm2-135m", *TINY, "-d", "40", "--stream-mib", "0", "-o", "json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout)["results"]
+    assert [(x["test"], x["n_depth"]) for x in res] == [("pp16 @ d40", 40), ("tg4 @ d40", 40)]
+    assert all(positive(x["avg_ts"]) for x in res)
 
 
 @pytest.mark.slow
