@@ -123,14 +123,15 @@ def _link_modules_on_demand() -> None:
     from numba.core import codegen
 
     lib = codegen.CPUCodeLibrary
-    if getattr(lib, "_lmap_lazy_bitcode", False):
-        return
+    needed = (hasattr(lib, "_unserialize"), hasattr(lib, "_get_module_for_linking"), hasattr(codegen, "JitEngine"))
+    if getattr(lib, "_lmap_lazy_bitcode", False) or not all(needed):
+        return  # already done, or a Numba whose internals differ: its own path
     unserialize, for_linking = lib._unserialize.__func__, lib._get_module_for_linking  # type: ignore[attr-defined]
 
     def _unserialize(cls: type, cg: object, state: tuple) -> object:  # type: ignore[type-arg]
         name, kind, data = state
         names = elf_defined_symbols(data[0]) if kind == "object" else None
-        if names is None:
+        if names is None or not isinstance(getattr(getattr(cg, "_engine", None), "_defined_symbols", None), set):
             return unserialize(cls, cg, state)
         self = cg.create_library(name)  # type: ignore[attr-defined]
         self.enable_object_caching()
