@@ -91,11 +91,6 @@ def _visible(builder, cps, off, pv, lov):  # type: ignore[no-untyped-def]
     return builder.and_(inside, builder.icmp_signed(">", cp, lov))
 
 
-def _splat8(builder, value, vtype):  # type: ignore[no-untyped-def]
-    one = builder.insert_element(ir.Constant(vtype, ir.Undefined), value, ir.Constant(_i32, 0))
-    return builder.shuffle_vector(one, one, ir.Constant(_vi, [0] * _V))
-
-
 @intrinsic
 def masked_max(typingctx, row_addr, cp_addr, n8, p, lo):  # type: ignore[no-untyped-def]
     """Max of the first n8 (a multiple of 8) float32 scores at row_addr whose int32 cell position
@@ -106,12 +101,11 @@ def masked_max(typingctx, row_addr, cp_addr, n8, p, lo):  # type: ignore[no-unty
     sig = types.float32(types.int64, types.int64, types.int64, types.int64, types.int64)
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        from .simd import _loop
+        from .simd import _loop, _splat
 
         row, cps, n8_, p_, lo_ = args
         i64 = ir.IntType(64)
-        pv = _splat8(builder, builder.trunc(p_, _i32), _vi)
-        lov = _splat8(builder, builder.trunc(lo_, _i32), _vi)
+        pv, lov = _splat(builder, builder.trunc(p_, _i32), _V), _splat(builder, builder.trunc(lo_, _i32), _V)
 
         def body(b, vals):  # type: ignore[no-untyped-def]
             (acc,) = vals
@@ -145,13 +139,12 @@ def masked_exp_sum(typingctx, row_addr, cp_addr, n8, p, lo, mx):  # type: ignore
     sig = types.float32(types.int64, types.int64, types.int64, types.int64, types.int64, types.float32)
 
     def codegen(context, builder, signature, args):  # type: ignore[no-untyped-def]
-        from .simd import _hsum, _loop
+        from .simd import _hsum, _loop, _splat
 
         row, cps, n8_, p_, lo_, mx_ = args
         i64 = ir.IntType(64)
-        pv = _splat8(builder, builder.trunc(p_, _i32), _vi)
-        lov = _splat8(builder, builder.trunc(lo_, _i32), _vi)
-        mxs = _splat8(builder, mx_, _vf)
+        pv, lov = _splat(builder, builder.trunc(p_, _i32), _V), _splat(builder, builder.trunc(lo_, _i32), _V)
+        mxs = _splat(builder, mx_, _V)
 
         def body(b, vals):  # type: ignore[no-untyped-def]
             (acc,) = vals
