@@ -170,3 +170,30 @@ def test_a_query_that_sees_no_cell_gets_zeros_like_the_batch_kernel(kernel: str)
     w = AttentionScratch(n, cells, nh, nkv, hd, hd)
     attention_batch(q, k, v, pos, cell_pos, cells, 0.125, 0, 0.0, w, ref)
     assert not out.any() and not ref.any()
+
+
+@pytest.mark.parametrize("hd", [16, 64, 128, 256])
+def test_decode_attention_over_a_half_cache(hd: int) -> None:
+    """One token (ops.attention) against float64, at head sizes with a register-held weighted sum
+    of value rows (64, 128, 256) and without (16); hidden cells' values never reach the output."""
+    from lmap.kernels import ops
+
+    rng = np.random.default_rng(hd)
+    nh, nkv, cells = 4, 2, 300
+    q = rng.standard_normal((1, nh, hd)).astype(np.float32)
+    k = (rng.standard_normal((cells, nkv, hd)) * 0.3).astype(np.float16).view(np.uint16)
+    cell_pos = np.arange(cells, dtype=np.int32)
+    cell_pos[::7] = -1  # empty cells ...
+    v16 = rng.standard_normal((cells, nkv, hd)).astype(np.float16)
+    v16[cell_pos < 0] = np.nan  # ... whose values must be skipped, not multiplied by 0
+    v = v16.view(np.uint16)
+    pos = np.array([cells - 5], np.int32)  # the last cells are in the future: hidden too
+    scale = 1 / np.sqrt(hd)
+    out = np.full((1, nh, hd), np.nan, np.float32)
+    ops.attention(q, k, v, pos, cell_pos, cells, scale, 0, 0.0, np.zeros((2, cells), np.float32), out)
+    kf, vf = k.view(np.float16).astype(np.float64), v16.astype(np.float64)
+    seen = (cell_pos >= 0) & (cell_pos <= pos[0])
+    for h in range(nh):
+        s = kf[seen, h // 2] @ q[0, h].astype(np.float64) * scale
+        e = np.exp(s - s.max())
+        np.testing.assert_allclose(out[0, h], e @ vf[seen, h // 2] / e.sum(), rtol=1e-4, atol=2e-5)

@@ -14,7 +14,13 @@ import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
 
-from .half import float_to_half, half_to_float
+from .half import (
+    float_to_half,
+    half_to_float,
+    weighted_rows_f16_64,
+    weighted_rows_f16_128,
+    weighted_rows_f16_256,
+)
 from .vexp import exp8_inplace, silu_mul8
 from .vround import round_q8_block
 
@@ -300,13 +306,48 @@ def _attend(q, k, v, cell_pos, t, h, kh, p, c0, c1, sc, window, softcap, s, out)
     total = np.float32(0.0)
     for j in range(n_cells):
         total += s[j]
-    inv = np.float32(1.0) / total
-    for i in range(hd):
-        out[t, h, i] = np.float32(0.0)
-    for j in range(n_cells):
-        w = s[j] * inv
-        if w != 0.0:
-            _acc_row(out, t, h, w, v, c0 + j, kh)
+    _weighted_sum(out, t, h, s, np.float32(1.0) / total, v, c0, n_cells, kh)
+
+
+def _weighted_sum(out, t, h, s, inv, v, c0, n_cells, kh):  # type: ignore[no-untyped-def]
+    raise NotImplementedError  # only called from compiled code
+
+
+@overload(_weighted_sum, inline="always")
+def _weighted_sum_impl(out, t, h, s, inv, v, c0, n_cells, kh):  # type: ignore[no-untyped-def]
+    """out[t, h] = sum over j < n_cells of s[j] * inv * value row v[c0 + j, kh] (rows of weight 0 skipped)."""
+
+    def generic(out, t, h, s, inv, v, c0, n_cells, kh):  # type: ignore[no-untyped-def]
+        for i in range(out.shape[2]):
+            out[t, h, i] = np.float32(0.0)
+        for j in range(n_cells):
+            w = s[j] * inv
+            if w != 0.0:
+                _acc_row(out, t, h, w, v, c0 + j, kh)
+
+    if v.dtype != types.uint16:
+        return generic
+
+    def half_rows(out, t, h, s, inv, v, c0, n_cells, kh):  # type: ignore[no-untyped-def]
+        hd = out.shape[2]
+        if out.strides[2] != 4 or v.strides[2] != 2 or s.strides[0] != 4 or hd not in (64, 128, 256):
+            for i in range(hd):
+                out[t, h, i] = np.float32(0.0)
+            for j in range(n_cells):
+                w = s[j] * inv
+                if w != 0.0:
+                    _acc_row(out, t, h, w, v, c0 + j, kh)
+            return
+        oa = out.ctypes.data + t * out.strides[0] + h * out.strides[1]
+        va = v.ctypes.data + c0 * v.strides[0] + kh * v.strides[1]
+        if hd == 64:
+            weighted_rows_f16_64(oa, s.ctypes.data, inv, va, v.strides[0], n_cells)
+        elif hd == 128:
+            weighted_rows_f16_128(oa, s.ctypes.data, inv, va, v.strides[0], n_cells)
+        else:
+            weighted_rows_f16_256(oa, s.ctypes.data, inv, va, v.strides[0], n_cells)
+
+    return half_rows
 
 
 @njit(cache=True, fastmath=True, inline="always")
