@@ -309,34 +309,35 @@ def _attend(q, k, v, cell_pos, t, h, kh, p, c0, c1, sc, window, softcap, s, out)
     _weighted_sum(out, t, h, s, np.float32(1.0) / total, v, c0, n_cells, kh)
 
 
+@njit(cache=True, fastmath=True, inline="always")
+def _weighted_sum_rows(out, t, h, s, inv, v, c0, n_cells, kh):  # type: ignore[no-untyped-def]
+    """out[t, h] = sum over j < n_cells of s[j] * inv * value row v[c0 + j, kh], row by row (weight-0 rows skipped)."""
+    for i in range(out.shape[2]):
+        out[t, h, i] = np.float32(0.0)
+    for j in range(n_cells):
+        w = s[j] * inv
+        if w != 0.0:
+            _acc_row(out, t, h, w, v, c0 + j, kh)
+
+
 def _weighted_sum(out, t, h, s, inv, v, c0, n_cells, kh):  # type: ignore[no-untyped-def]
     raise NotImplementedError  # only called from compiled code
 
 
 @overload(_weighted_sum, inline="always")
 def _weighted_sum_impl(out, t, h, s, inv, v, c0, n_cells, kh):  # type: ignore[no-untyped-def]
-    """out[t, h] = sum over j < n_cells of s[j] * inv * value row v[c0 + j, kh] (rows of weight 0 skipped)."""
-
-    def generic(out, t, h, s, inv, v, c0, n_cells, kh):  # type: ignore[no-untyped-def]
-        for i in range(out.shape[2]):
-            out[t, h, i] = np.float32(0.0)
-        for j in range(n_cells):
-            w = s[j] * inv
-            if w != 0.0:
-                _acc_row(out, t, h, w, v, c0 + j, kh)
-
+    """:func:`_weighted_sum_rows`, its sums held in registers for half caches of head size 64, 128 or 256."""
     if v.dtype != types.uint16:
-        return generic
+
+        def rows(out, t, h, s, inv, v, c0, n_cells, kh):  # type: ignore[no-untyped-def]
+            _weighted_sum_rows(out, t, h, s, inv, v, c0, n_cells, kh)
+
+        return rows
 
     def half_rows(out, t, h, s, inv, v, c0, n_cells, kh):  # type: ignore[no-untyped-def]
         hd = out.shape[2]
         if out.strides[2] != 4 or v.strides[2] != 2 or s.strides[0] != 4 or hd not in (64, 128, 256):
-            for i in range(hd):
-                out[t, h, i] = np.float32(0.0)
-            for j in range(n_cells):
-                w = s[j] * inv
-                if w != 0.0:
-                    _acc_row(out, t, h, w, v, c0 + j, kh)
+            _weighted_sum_rows(out, t, h, s, inv, v, c0, n_cells, kh)
             return
         oa = out.ctypes.data + t * out.strides[0] + h * out.strides[1]
         va = v.ctypes.data + c0 * v.strides[0] + kh * v.strides[1]
