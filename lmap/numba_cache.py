@@ -190,4 +190,8 @@ def _initialize_runtime_in_background(rtsys: object) -> None:
         with global_compiler_lock:
             rtsys.initialize(ctx)  # type: ignore[attr-defined]
 
-    threading.Thread(target=run, name="lmap-nrt", daemon=True).start()
+    thread = threading.Thread(target=run, name="lmap-nrt", daemon=True)
+    thread.start()
+    # a fork meanwhile (multiprocessing's default here) would copy the compiler lock held, and the
+    # child's first kernel would wait on it forever: forks wait for the compile instead
+    os.register_at_fork(before=thread.join)

@@ -121,6 +121,29 @@ def test_elf_symbols_of_an_object_and_of_anything_else() -> None:
     library = add_one.overloads[add_one.signatures[0]].library
     obj = library._get_compiled_object() if library._object_caching_enabled else library.emit_native_object()
     names = elf_defined_symbols(obj)
-    assert names is not None and any("add_one" in n for n in names)
+    # what Numba itself records on a load: LLVM's list of the module's definitions
+    module = library._get_module_for_linking()
+    defined = {g.name for gs in (module.functions, module.global_variables) for g in gs if not g.is_declaration}
+    assert names == defined and any("add_one" in n for n in names)
     for junk in (b"", b"\x7fELF" + bytes(60), b"MZ" + bytes(100), obj[:100]):
         assert elf_defined_symbols(junk) is None  # not ELF64, or cut short: Numba's own path
+
+
+def test_a_fork_right_after_import_can_load_kernels(tmp_path: Path) -> None:
+    # the runtime compiles on another thread under Numba's compiler lock; a child forked at that
+    # moment must not inherit the lock held (it would hang at its first kernel)
+    (tmp_path / "kernels_mod.py").write_text(_KERNELS)
+    code = (
+        "import os, time, numpy as np\n"
+        "import lmap.kernels\n"
+        "time.sleep(0.005)  # the compile thread holds the lock by now (for ~20 ms)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    import kernels_mod\n"
+        "    print(kernels_mod.total(np.arange(10.0)), flush=True)\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0 and r.stdout.split() == ["90.0"], r.stderr
