@@ -37,8 +37,8 @@ MiB = 1 << 20
 # part the interpreter's heap, module objects and the compiled code. Down from 78 / 103 MiB since
 # cached kernels load without Numba's compiler set-up (numba_cache.load_without_compiler_setup),
 # which imported SciPy and ~70 modules of Numba implementations, and without parsing their LLVM
-# bitcode (2026-12-06: a warm process with gemma3 at n_ctx 2048 measured 166.5 MiB anonymous
-# against 166.4 planned; SmolLM2 163.7 against 165.4).
+# bitcode (2026-12-06: a warm process with gemma3 at n_ctx 2048 measured 161.6 MiB anonymous
+# against 161.4 planned; SmolLM2 160.5 against 161.4).
 RUNTIME_ANON = 47 * MiB
 RUNTIME_FILE = 94 * MiB
 
