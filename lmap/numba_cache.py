@@ -80,7 +80,7 @@ def load_without_compiler_setup() -> None:
     this relies on, loads simply keep their refresh.
     """
     from llvmlite.binding import ffi
-    from numba.core import caching
+    from numba.core import caching, dispatcher, entrypoints
     from numba.core.runtime import rtsys
 
     original = caching.Cache.load_overload
@@ -97,16 +97,60 @@ def load_without_compiler_setup() -> None:
             ffi.unregister_lock_callback(acquired, released)
         try:
             with self._guard_against_spurious_io_errors():
-                return self._load_overload(sig, target_context)
+                cres = self._load_overload(sig, target_context)
         finally:
             for acquired, released in callbacks:
                 ffi.register_lock_callback(acquired, released)
+        if cres is None:
+            entrypoints.init_all()  # a compile follows: the extensions lmap's dispatchers put off
+        return cres
 
+    def init_hook(self: dispatcher._DispatcherBase) -> None:
+        # Numba loads its third-party extensions (entry points: a scan of every installed
+        # distribution, 13 ms) before typing any call. lmap's kernels take arrays and numbers, so
+        # theirs waits for a compile (above), which a warm start never reaches; others' is unchanged.
+        cached = isinstance(getattr(self, "_cache", None), caching.Cache)
+        if not (cached and getattr(self.py_func, "__module__", "").startswith("lmap.")):
+            chain_init_hook(self)
+
+    chain_init_hook = dispatcher._DispatcherBase._compilation_chain_init_hook
+    dispatcher._DispatcherBase._compilation_chain_init_hook = init_hook  # type: ignore[method-assign]
     load_overload._lmap_no_refresh = True  # type: ignore[attr-defined]
     load_overload.__doc__ = original.__doc__
     caching.Cache.load_overload = load_overload  # type: ignore[method-assign]
     _link_modules_on_demand()
-    _initialize_runtime_in_background(rtsys)
+    _typeof_arrays_without_numpy_ma()
+    _initialize_runtime(rtsys)
+
+
+def _typeof_arrays_without_numpy_ma() -> None:
+    """Type plain ndarrays without importing ``numpy.ma``.
+
+    Numba's typing of an array argument starts with ``isinstance(val, np.ma.MaskedArray)``, and
+    that attribute imports ``numpy.ma`` (8 ms, at the first kernel call of a start). A plain
+    ``np.ndarray`` is never a masked array, so it is typed directly, with the same calls Numba
+    makes after that check; subclasses, and dtypes Numba rejects, go through Numba's own function.
+    """
+    import numpy as np
+    from numba.core import errors, types
+    from numba.core.typing.typeof import typeof_impl
+    from numba.np import numpy_support
+
+    original = typeof_impl.dispatch(np.ndarray)
+    if getattr(original, "_lmap_plain", False):
+        return
+
+    def typeof_ndarray(val: np.ndarray, c: object) -> object:
+        if type(val) is not np.ndarray:
+            return original(val, c)
+        try:
+            dtype = numpy_support.from_dtype(val.dtype)
+        except errors.NumbaNotImplementedError:
+            return original(val, c)  # its message names the dtype
+        return types.Array(dtype, val.ndim, numpy_support.map_layout(val), readonly=not val.flags.writeable)
+
+    typeof_ndarray._lmap_plain = True  # type: ignore[attr-defined]
+    typeof_impl.register(np.ndarray)(typeof_ndarray)
 
 
 def _link_modules_on_demand() -> None:
@@ -178,20 +222,99 @@ def elf_defined_symbols(obj: bytes) -> set[str] | None:
         return None
 
 
-def _initialize_runtime_in_background(rtsys: object) -> None:
-    """Compile the NRT's functions (~20 ms, mostly inside LLVM without the GIL) while start-up imports
-    and parses on; the first kernel load waits for it on Numba's compiler lock."""
-    from numba.core.compiler_lock import global_compiler_lock
+def _initialize_runtime(rtsys: object) -> None:
+    """Set up the NRT, whose functions cached kernels call, from its own cached machine code.
+
+    Numba compiles the NRT's functions from LLVM IR in every process (15 ms alone, and ~35 ms of
+    waiting at the first kernel load when overlapped with start-up's imports). Its object code
+    depends only on Numba's version and this CPU, so it is kept next to the kernels, keyed by
+    both, and loaded like them. Without a cache folder, or on a Numba whose internals differ, it
+    is compiled on a background thread while start-up imports and parses on.
+    """
     from numba.core.registry import cpu_target
 
     ctx = cpu_target.target_context  # made here, on the importing thread, never by two threads at once
+    path = _runtime_cache_path(ctx)
+    if path is not None and _load_runtime(rtsys, ctx, path):
+        return
+    from numba.core.compiler_lock import global_compiler_lock
 
     def run() -> None:
         with global_compiler_lock:
-            rtsys.initialize(ctx)  # type: ignore[attr-defined]
+            if path is None or not _compile_runtime(rtsys, ctx, path):
+                rtsys.initialize(ctx)  # type: ignore[attr-defined]
 
     thread = threading.Thread(target=run, name="lmap-nrt", daemon=True)
     thread.start()
     # a fork meanwhile (multiprocessing's default here) would copy the compiler lock held, and the
     # child's first kernel would wait on it forever: forks wait for the compile instead
     os.register_at_fork(before=thread.join)
+
+
+def _runtime_cache_path(ctx: object) -> Path | None:
+    import numba
+    from numba.core.runtime import _nrt_python, nrtdynmod
+
+    needed = (hasattr(nrtdynmod, "create_nrt_module"), hasattr(_nrt_python, "c_helpers"))
+    if not numba.config.CACHE_DIR or not all(needed):
+        return None
+    try:
+        magic = repr((numba.__version__, ctx.codegen().magic_tuple()))  # type: ignore[attr-defined]
+    except AttributeError:
+        return None
+    return Path(numba.config.CACHE_DIR) / f"nrt-{hashlib.blake2b(magic.encode(), digest_size=8).hexdigest()}.nbc"
+
+
+def _add_runtime_symbols() -> None:
+    """What ``rtsys.initialize`` does before compiling: the NRT's C helpers become linkable symbols
+    (the NRT's own machine code calls them, so they must exist before it is loaded)."""
+    import llvmlite.binding as ll
+    from numba.core import config
+    from numba.core.runtime import _nrt_python
+
+    if config.NRT_STATS:
+        _nrt_python.memsys_enable_stats()
+    for py_name, address in _nrt_python.c_helpers.items():
+        ll.add_symbol(py_name if py_name.startswith("_") else "NRT_" + py_name, address)
+
+
+def _load_runtime(rtsys: object, ctx: object, path: Path) -> bool:
+    import pickle
+
+    from numba.core.compiler_lock import global_compiler_lock
+
+    try:
+        state = pickle.loads(path.read_bytes())
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError):
+        return False
+    with global_compiler_lock:
+        if getattr(rtsys, "_init", False):
+            return True
+        _add_runtime_symbols()
+        rtsys._library = ctx.codegen().unserialize_library(state)  # type: ignore[attr-defined]
+        rtsys._init = True  # type: ignore[attr-defined]
+    return True
+
+
+def _compile_runtime(rtsys: object, ctx: object, path: Path) -> bool:
+    """Compile the NRT as ``rtsys.initialize`` does, with its object code kept at ``path``."""
+    import pickle
+
+    from numba.core.runtime import nrtdynmod
+
+    if getattr(rtsys, "_init", False):
+        return True
+    _add_runtime_symbols()
+    ir_mod, library = nrtdynmod.create_nrt_module(ctx)
+    library.enable_object_caching()
+    library.add_ir_module(ir_mod)
+    library.finalize()
+    rtsys._library = library  # type: ignore[attr-defined]
+    rtsys._init = True  # type: ignore[attr-defined]
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:  # written whole then renamed: a concurrent start never reads half a file
+        tmp.write_bytes(pickle.dumps(library.serialize_using_object_code()))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+    return True
