@@ -142,6 +142,29 @@ class _Cursor:
             return raw.decode("utf-8", errors="surrogateescape")
 
 
+_SCAN_MIN = 1024  # strings in an array worth a compiled scan (a vocabulary, its merges)
+
+
+def _scan_string_array(c: _Cursor, n: int) -> list[str] | None:
+    """A string array's strings from two compiled passes, one decode and one split; None if it needs
+    the checked Python loop (a string that runs past the end, holds a NUL, or is not UTF-8)."""
+    from .kernels.strings import join_strings, measure_strings
+
+    buf = np.frombuffer(c.buf, dtype=np.uint8)
+    nbytes, end = measure_strings(buf, c.pos, n)
+    if end < 0:
+        return None
+    joined = np.empty(nbytes, dtype=np.uint8)
+    if not join_strings(buf, c.pos, n, joined):
+        return None
+    try:
+        strings = str(memoryview(joined), "utf-8").split("\0")
+    except UnicodeDecodeError:
+        return None
+    c.pos = end
+    return strings
+
+
 class GGUFFile:
     """A GGUF file mapped read-only. ``metadata`` is a dict; ``tensor(name)`` a zero-copy view.
 
@@ -296,7 +319,12 @@ class GGUFFile:
 
     @staticmethod
     def _string_array(c: _Cursor, n: int, key: str) -> list[str]:
-        # The hot path of loading a 262k vocabulary: a tight loop over (u64 len, bytes) records.
+        if n >= _SCAN_MIN:
+            strings = _scan_string_array(c, n)
+            if strings is not None:
+                return strings
+        # What the compiled scan leaves: short arrays, and any array with a string to report or
+        # that is not UTF-8 (decoded one by one, keeping undecodable bytes as surrogates).
         size, base = c.size, c.pos
         raw = c.buf[base:]
         out: list[str] = []

@@ -264,6 +264,59 @@ def test_random_metadata_round_trips(
         _assert_same(g.metadata[m.key], _expected(m.value, m.vtype, m.sub_type), m.key)
 
 
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    strings=st.lists(
+        st.one_of(st.text(max_size=12), st.binary(max_size=12), st.binary(min_size=120, max_size=300)),
+        min_size=1,
+        max_size=12,
+    ),
+    n=st.integers(1024, 3000),
+)
+def test_long_string_arrays_read_as_the_checked_loop_reads_them(
+    strings: list[str | bytes], n: int, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    # arrays of >= 1024 strings (a vocabulary) take the compiled scan; texts with NULs, bytes
+    # that are not UTF-8 and lengths >= 128 (a length prefix that is not ASCII) included
+    items = [strings[i % len(strings)] for i in range(n)]
+    path = build([kv("v.tokens", ARRAY, array(STRING, items)), kv_string("v.after", "end")]).write(
+        tmp_path_factory.mktemp("strs", numbered=True) / "s.gguf"
+    )
+    got = GGUFFile(path).metadata
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("lmap.gguf._SCAN_MIN", 1 << 62)
+        want = GGUFFile(path).metadata
+    assert got["v.tokens"] == want["v.tokens"] and got["v.after"] == want["v.after"] == "end"
+    assert [t.encode("utf-8", "surrogateescape") for t in got["v.tokens"]] == [
+        t if isinstance(t, bytes) else t.encode("utf-8", "surrogatepass") for t in items
+    ]
+
+
+def test_compiled_string_scan_joins_and_reports() -> None:
+    from lmap.kernels.strings import join_strings, measure_strings
+
+    records = b"".join(struct.pack("<Q", len(x)) + x for x in (b"ab", b"", b"\xc3\xa9"))
+    buf = np.frombuffer(b"xx" + records, np.uint8)
+    nbytes, end = measure_strings(buf, 2, 3)
+    assert (nbytes, end) == (6, len(buf))
+    out = np.empty(nbytes, np.uint8)
+    assert join_strings(buf, 2, 3, out) and out.tobytes() == b"ab\0\0\xc3\xa9"
+    assert measure_strings(buf[:-1], 2, 3)[1] == -3  # the third string runs past the end
+    assert measure_strings(buf[:12], 2, 3)[1] == -2  # the second's length prefix is cut
+    holds_nul = np.frombuffer(struct.pack("<Q", 1) + b"\0", np.uint8)
+    assert not join_strings(holds_nul, 0, 1, np.empty(1, np.uint8))
+
+
+def test_a_long_string_array_cut_short_names_the_string(tmp_path: Path) -> None:
+    payload = array(STRING, [f"tok{i}" for i in range(2000)])
+    full = build([kv("v.tokens", ARRAY, payload)])
+    data = full.write(tmp_path / "full.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: data.index(b"tok1500")])
+    with pytest.raises(GGUFError, match=r"'v.tokens': (truncated string #1500|string #1500 length)"):
+        GGUFFile(cut)
+
+
 # ------------------------------------------------------------------ tensors
 def _tensor_set() -> list[tuple[str, np.ndarray, QT | None, np.ndarray]]:
     """(name, array to write, raw_dtype, expected view contents); sizes chosen to need padding."""
