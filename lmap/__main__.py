@@ -32,8 +32,12 @@ def _numba_without_scipy() -> None:
     lmap's kernels use neither. Both are answered "absent" for that set-up only, so anything
     later in the process can still import them. A warm start loads cached kernels without that
     set-up at all (``numba_cache.load_without_compiler_setup``), so this costs nothing then.
+
+    Numba's import also imports PyYAML (5 ms), only to read a ``.numba_config.yaml`` in the
+    working folder: it is answered "absent" too unless such a file is there.
     """
-    with _absent("scipy", "cffi"):
+    yaml = () if os.path.exists(".numba_config.yaml") else ("yaml",)
+    with _absent("scipy", "cffi", *yaml):
         from numba.core.registry import cpu_target
 
         ctx = cpu_target.target_context

@@ -27,23 +27,25 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .chat import ChatTemplate
 from .errors import ContextOverflowError, InvalidParameterError
 from .gguf import GGUFFile
 from .grammar import Grammar, Matcher, TokenVocab, sample_with_grammar
 from .kv_cache import KVCache
 from .models import Scratch, load_model
 from .models.base import needs_tile
-from .plan import context_arrays, prefault, prefault_in_background
+from .plan import context_arrays, prefault_in_background
 from .registry import resolve_model
 from .residency import Residency
 from .sampling import Sampler, SamplingParams, StopMatcher
 from .threads import set_threads
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .chat import ChatTemplate
 
 log = logging.getLogger("lmap")
 
@@ -129,7 +131,6 @@ class Llama:
             if use_mlock:
                 raise InvalidParameterError("mem_budget and use_mlock exclude each other: mlock pins the whole file")
             self.residency = Residency.attach(self._model, mem_budget)
-        self._tokenizer = Tokenizer.from_metadata(self.metadata)
         hp = self._model.hp
         self._n_ctx = min(n_ctx, hp.n_ctx_train) if n_ctx else hp.n_ctx_train
         self.n_batch = min(n_batch, self._n_ctx)
@@ -153,10 +154,13 @@ class Llama:
         tile = needs_tile([w.fid for w in m.layer_matrices()], m.output.fid, activations)
         rows = self.n_batch if logits_all else 1
         self._scratch = Scratch(hp, self.n_batch, self._n_ctx, rows, activations, tile=tile)
-        # resident now rather than page by page as the context fills: RSS stays flat while it talks
-        # (the KV cache on another thread while the kernels load; joined before __init__ returns)
-        kv_prefault = prefault_in_background(self._kv.k + self._kv.v)
-        prefault(context_arrays(self._scratch))
+        # resident now rather than page by page as the context fills: RSS stays flat while it talks.
+        # The pages are faulted in on other threads (page faults need no GIL) while the tokenizer is
+        # built and the kernels load here: the scratch joined before the warm-up uses it, the
+        # KV cache (~50 ms for SmolLM2's at n_ctx 4096) after.
+        scratch_faults = prefault_in_background(context_arrays(self._scratch))
+        kv_faults = prefault_in_background(self._kv.k + self._kv.v)
+        self._tokenizer = Tokenizer.from_metadata(self.metadata)
         self.input_ids = np.zeros(self._n_ctx, dtype=np.intc)
         # np.zeros maps untouched pages lazily, so n_ctx x n_vocab costs only the rows evaluated
         self.scores = np.zeros((self._n_ctx if logits_all else 1, hp.n_vocab), dtype=np.single)
@@ -178,20 +182,11 @@ class Llama:
             "eval_ms": 0.0,
             "reused_tokens": 0,
         }
+        scratch_faults.join()
         self._warm_up()
-        kv_prefault.join()
+        kv_faults.join()
         self.timings["load_ms"] = (time.perf_counter() - t0) * 1e3
-        template = self.metadata.get("tokenizer.chat_template")
-        tok = self._tokenizer
-        self._chat_template = (
-            ChatTemplate(
-                template,
-                bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else "",
-                eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None and tok.eos_id >= 0 else "",
-            )
-            if template
-            else None
-        )
+        self._chat_template: ChatTemplate | None = None  # compiled on first use (Jinja2: 10 ms of start-up)
 
     # ------------------------------------------------------------------ basics
     def _warm_up(self) -> None:
@@ -672,7 +667,19 @@ class Llama:
     ) -> list[int]:
         """Render ``messages`` with the model's chat template and tokenize it (specials parsed, no double BOS)."""
         if self._chat_template is None:
-            self._chat_template = ChatTemplate(None, bos_token="", eos_token="")
+            from .chat import ChatTemplate
+
+            template = self.metadata.get("tokenizer.chat_template")
+            tok = self._tokenizer
+            self._chat_template = (
+                ChatTemplate(
+                    template,
+                    bos_token=tok.tokens[tok.bos_id] if tok.bos_id is not None and tok.bos_id >= 0 else "",
+                    eos_token=tok.tokens[tok.eos_id] if tok.eos_id is not None and tok.eos_id >= 0 else "",
+                )
+                if template
+                else ChatTemplate(None, bos_token="", eos_token="")
+            )
         text = self._chat_template.render(messages, add_generation_prompt=add_generation_prompt, **kwargs)
         toks = self.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         bos = self.token_bos()
