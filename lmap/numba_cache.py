@@ -120,7 +120,38 @@ def load_without_compiler_setup() -> None:
     caching.Cache.load_overload = load_overload  # type: ignore[method-assign]
     _link_modules_on_demand()
     _typeof_arrays_without_numpy_ma()
+    _environments_without_imports()
     _initialize_runtime(rtsys)
+
+
+def _environments_without_imports() -> None:
+    """Rebuild the environments of Numba's own library code without importing its modules.
+
+    Every compiled function has an environment: its module's globals, for object-mode code, and
+    its constants. A cached kernel that inlines Numba's ``carray`` or ``ndarray.view`` brings their
+    environments along, and rebuilding one imports its module (``numba.np.arrayobj``: 22 ms of a
+    warm start). Nopython code never reads those globals, and an environment without constants
+    holds nothing else, so such an environment of a ``numba.*`` module not yet imported is made
+    with just the module's name (what pickling it again needs). Any other keeps Numba's path.
+    """
+    from numba.core import environment
+
+    original = environment._rebuild_env
+    if getattr(original, "_lmap_lazy", False):
+        return
+
+    def _rebuild_env(modname: str, consts: list, env_name: str) -> object:  # type: ignore[type-arg]
+        if consts or modname in sys.modules or not modname.startswith("numba."):
+            return original(modname, consts, env_name)
+        env = environment.lookup_environment(env_name)
+        if env is None:
+            env = environment.Environment({"__name__": modname})
+            env.env_name = env_name
+            environment.Environment._memo[env_name] = env
+        return env
+
+    _rebuild_env._lmap_lazy = True  # type: ignore[attr-defined]
+    environment._rebuild_env = _rebuild_env
 
 
 def _typeof_arrays_without_numpy_ma() -> None:

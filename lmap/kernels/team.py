@@ -353,6 +353,14 @@ class Team:
         self.wake: list[threading.Event] = []
         self.threads: list[threading.Thread] = []
         self.spin_limit = self._calibrate()
+        if self.n_threads > 1:
+            # The helpers' own kernels are loaded here, before they start: loaded on a helper, the
+            # load's ~50 calls into LLVM each waited for the GIL this thread holds (30 ms instead
+            # of 2), and this thread's next kernel waited for Numba's compiler lock meanwhile.
+            self.ctrl[STOP] = 1
+            _serve(self.ctrl, self.job, self.spin_limit, 1)  # returns at once: told to stop
+            self.ctrl[STOP] = 0
+            atomic_add_py(self.ctrl, WAKES, 0)
         for i in range(self.n_threads - 1):
             ev = threading.Event()
             t = threading.Thread(target=self._loop, args=(ev, i + 1), name=f"lmap-team-{i + 1}", daemon=True)
