@@ -119,9 +119,33 @@ def load_without_compiler_setup() -> None:
     load_overload.__doc__ = original.__doc__
     caching.Cache.load_overload = load_overload  # type: ignore[method-assign]
     _link_modules_on_demand()
+    _cache_folder_checked_once()
     _typeof_arrays_without_numpy_ma()
     _environments_without_imports()
     _initialize_runtime(rtsys)
+
+
+def _cache_folder_checked_once() -> None:
+    """Check that the cache folder is writable once, not once per kernel.
+
+    Numba proves it by creating and deleting a temporary file there for every cached function
+    when it is defined: 126 files, 3 ms of importing lmap.
+    """
+    from numba.core import caching
+
+    original = caching._CacheLocator.ensure_cache_path
+    if getattr(original, "_lmap_once", False):
+        return
+    checked: set[str] = set()
+
+    def ensure_cache_path(self: caching._CacheLocator) -> None:
+        path = self.get_cache_path()
+        if path not in checked:
+            original(self)
+            checked.add(path)
+
+    ensure_cache_path._lmap_once = True  # type: ignore[attr-defined]
+    caching._CacheLocator.ensure_cache_path = ensure_cache_path  # type: ignore[method-assign]
 
 
 def _environments_without_imports() -> None:

@@ -7,6 +7,7 @@ stored as uint16 (Numba has no float16 on the CPU); ``_f32`` reads either.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
@@ -525,8 +526,14 @@ def swiglu(gate: np.ndarray, up: np.ndarray) -> None:
     (swiglu_serial if gate.shape[0] <= SERIAL_ROWS else swiglu_parallel)(gate, up)
 
 
-def _gelu_f16_table() -> np.ndarray:
-    """gelu_tanh at every IEEE half, rounded to half: ggml's ggml_table_gelu_f16 (as float32 [65536])."""
+@functools.cache
+def gelu_f16_table() -> np.ndarray:
+    """gelu_tanh at every IEEE half, rounded to half: ggml's ggml_table_gelu_f16 (as float32 [65536]).
+
+    llama.cpp computes GELU by looking up the half-rounded input in this table (GGML_GELU_FP16):
+    the same table gives the same activations, and a gather is ~10x cheaper than tanh here. Made
+    on first use (3 ms), by the models that use GELU.
+    """
     x = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
     with np.errstate(all="ignore"):
         c = np.float32(math.sqrt(2.0 / math.pi))
@@ -536,9 +543,6 @@ def _gelu_f16_table() -> np.ndarray:
     return g.astype(np.float16).astype(np.float32)
 
 
-# llama.cpp computes GELU by looking up the half-rounded input in this table (GGML_GELU_FP16):
-# the same table gives the same activations, and a gather is ~10x cheaper than tanh here.
-GELU_F16_TABLE = _gelu_f16_table()
 EXACT = np.zeros(0, np.float32)  # pass as ``table`` for the exact float32 function
 
 
@@ -579,7 +583,7 @@ def geglu_parallel(gate: np.ndarray, up: np.ndarray, table: np.ndarray) -> None:
 def geglu(gate: np.ndarray, up: np.ndarray, table: np.ndarray) -> None:
     """gate = gelu_tanh(gate) * up, in place ([n, ff]), as ggml_vec_geglu_f32.
 
-    With ``table`` (GELU_F16_TABLE) it is llama.cpp's arithmetic: the input rounded to half indexes a
+    With ``table`` (:func:`gelu_f16_table`) it is llama.cpp's arithmetic: the input rounded to half indexes a
     table of half-rounded GELU values, |x| >= 10 short-circuited. With an empty table (EXACT), the
     float32 tanh formula (what transformers computes).
     """

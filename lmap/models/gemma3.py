@@ -114,7 +114,7 @@ class Gemma3(Model):
 
             ops.rmsnorm(x, L.ffn_norm, hp.rms_eps, xb)
             self.matmuls([(L.ffn_gate, hb), (L.ffn_up, hb2)], xb, s, rows)
-            ops.geglu(hb, hb2, ops.GELU_F16_TABLE if s.xq is not None else ops.EXACT)  # xq: llama.cpp arithmetic
+            ops.geglu(hb, hb2, ops.gelu_f16_table() if s.xq is not None else ops.EXACT)  # xq: llama.cpp arithmetic
             mm(L.ffn_down, hb, xb2, s, rows)
             ops.rmsnorm(xb2, L.post_ffw_norm, hp.rms_eps, xb2)
             ops.add_inplace(x, xb2)
