@@ -2,26 +2,27 @@
 
 Two engines produce the same ids:
 
+* :class:`PyBackend` is llama.cpp's ``llm_tokenizer_bpe_session`` in Python: regex
+  split, byte-level encoding, merges lowest rank first (leftmost on ties).  It is
+  built in ~10 ms (a dict from merge text to rank), so it tokenizes the texts of
+  ordinary size: a prompt, a chat turn.  It also carries what ``tokenizers``
+  cannot: a vocabulary whose merges name tokens that are not in it (``tokenizers``
+  refuses to build), token texts that are not valid UTF-8, and input holding lone
+  surrogates (which Rust strings cannot carry).
 * :class:`HFBackend` hands the vocabulary, the merges and llama.cpp's pre-tokenizer
-  regexes to Hugging Face ``tokenizers`` (Rust).  This is the engine in use: it
-  matched llama.cpp's ids on every fixture string and on thousands of randomized
-  strings (nine pre-tokenizer names), its merge loop is llama.cpp's (lowest rank
-  first, leftmost on ties) and ``ignore_merges`` means the same.  Measured on
-  SmolLM2 (49k tokens, 2 cores): built in 0.1 s, 450-530k tokens/s on 100 kB of
-  English or code, against 320-420k tokens/s for the Python engine with its word
-  cache -- and the Python engine falls further behind on text with few repeats.
-* :class:`PyBackend` is llama.cpp's ``llm_tokenizer_bpe_session`` in Python.  It
-  is used where ``tokenizers`` cannot follow llama.cpp: a vocabulary whose merges
-  name tokens that are not in it (``tokenizers`` refuses to build), token texts
-  that are not valid UTF-8, and input holding lone surrogates (which Rust strings
-  cannot carry).  Tests also use it as an independent check of the fast engine.
+  regexes to Hugging Face ``tokenizers`` (Rust).  It matched llama.cpp's ids on every
+  fixture string and on thousands of randomized strings (nine pre-tokenizer names),
+  its merge loop is llama.cpp's and ``ignore_merges`` means the same.  Measured on
+  SmolLM2 (49k tokens, 2 cores): 450-530k tokens/s on 100 kB of English or code,
+  against 320-420k tokens/s for the Python engine with its word cache, but 53 ms to
+  build (a tenth of the time to first token), so it is built when a long text first
+  needs it (:data:`LONG_TEXT`).
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from ..errors import LmapError
 from .pretokenize import BYTE_ENCODE_TABLE, BYTE_TO_UNICODE, PreTokenizer, onig_pattern, regex_module_pattern
@@ -73,18 +74,19 @@ class HFBackend:
 class PyBackend:
     """llama.cpp's BPE session in Python: regex split, byte-level encoding, ranked merges."""
 
-    def __init__(self, token_to_id: Mapping[str, int], pairs: Sequence[tuple[str, str]], pre: PreTokenizer) -> None:
+    def __init__(self, token_to_id: Mapping[str, int], merges: Sequence[str], pre: PreTokenizer) -> None:
         try:
             import regex
-        except ImportError as e:  # pragma: no cover - regex comes with transformers, not with lmap
+        except ImportError as e:  # pragma: no cover - a dependency of lmap's
             raise LmapError(
                 "this vocabulary needs lmap's pure-Python BPE, which needs the 'regex' package (pip install regex)"
             ) from e
         self._t2i = token_to_id
-        ranks: dict[tuple[str, str], int] = {}
-        for i, p in enumerate(pairs):
-            ranks.setdefault(p, i)
-        self._ranks = ranks
+        # Ranked by the merge's own text: llama.cpp splits "a b" at its first space after the
+        # first character, and the symbols of byte-level BPE never hold a raw space, so the pair
+        # (a, b) is merge "a b" exactly. No split needed (14 ms for SmolLM2's 48k merges); the
+        # first rank of a repeated merge wins, as in llama.cpp.
+        self._ranks: dict[str, int] = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1), strict=True))
         self._ignore_merges = pre.ignore_merges
         self._splitters = [regex.compile(regex_module_pattern(p), regex.V1) for p in pre.regexes]
         self._cache: dict[str, tuple[int, ...]] = {}
@@ -132,7 +134,7 @@ class PyBackend:
         prv = list(range(-1, n - 1))
         heap: list[tuple[int, int, int, str]] = []
         for i in range(n - 1):
-            r = ranks.get((syms[i], syms[i + 1]))
+            r = ranks.get(syms[i] + " " + syms[i + 1])
             if r is not None:
                 heap.append((r, i, i + 1, syms[i] + syms[i + 1]))
         heapq.heapify(heap)
@@ -148,11 +150,11 @@ class PyBackend:
                 prv[after] = left
             before = prv[left]
             if before >= 0:
-                r = ranks.get((syms[before], text))
+                r = ranks.get(syms[before] + " " + text)
                 if r is not None:
                     heapq.heappush(heap, (r, before, left, syms[before] + text))
             if after >= 0:
-                r = ranks.get((text, syms[after]))
+                r = ranks.get(text + " " + syms[after])
                 if r is not None:
                     heapq.heappush(heap, (r, left, after, text + syms[after]))
         ids: list[int] = []
@@ -171,17 +173,9 @@ class PyBackend:
         return tuple(ids)
 
 
-def make_backend(
-    token_to_id: Mapping[str, int], merges: Sequence[str], pre: PreTokenizer, *, engine: str = "auto"
-) -> tuple[Any, list[tuple[str, str]]]:
-    """Build the BPE engine (``"auto"``, ``"hf"`` or ``"python"``); returns it and the parsed merges."""
-    pairs = split_merges(merges)
+LONG_TEXT = 1 << 16  # characters: a text this long is tokenized by HFBackend, built then
+
+
+def check_engine(engine: str) -> None:
     if engine not in ("auto", "hf", "python"):
         raise ValueError(f"engine must be 'auto', 'hf' or 'python', not {engine!r}")
-    if engine != "python":
-        try:
-            return HFBackend(token_to_id, pairs, pre), pairs
-        except Exception:
-            if engine == "hf":
-                raise
-    return PyBackend(token_to_id, pairs, pre), pairs

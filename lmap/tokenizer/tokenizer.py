@@ -8,7 +8,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ..errors import InvalidParameterError, LmapError, UnsupportedModelError
-from .bpe import HFBackend, PyBackend, make_backend
+from .bpe import LONG_TEXT, HFBackend, PyBackend, check_engine, split_merges
 from .pretokenize import BYTE_DECODE_TABLE, UNICODE_TO_BYTE
 from .specials import SpecialMatcher, partition
 from .spm import SPMSession, symbols_from_bytes
@@ -72,25 +72,28 @@ class Tokenizer:
         self._v = vocab
         self._matcher = SpecialMatcher(vocab.specials)
         self._pieces: list[bytes | None] = [None] * vocab.n_vocab
-        self._bpe: HFBackend | PyBackend | None = None
-        self._py_bpe: PyBackend | None = None  # for input the fast engine cannot carry
-        self._pairs: list[tuple[str, str]] = []
+        check_engine(engine)
+        self._engine = engine
+        self._merges: Sequence[str] = merges or []
+        self._hf: HFBackend | None = None  # "hf"; "auto" builds it for the first long text
+        self._hf_tried = False
+        self._py_bpe: PyBackend | None = None  # "python", "auto"; "hf" for what Rust cannot carry
         self._spm: SPMSession | None = None
         if vocab.is_spm:
             self._spm = SPMSession(vocab.token_to_id, vocab.scores, vocab.n_vocab)
+        elif engine == "hf":
+            self._hf = self._build_hf(strict=True)
         else:
-            assert vocab.pre is not None
-            self._bpe, self._pairs = make_backend(vocab.token_to_id, merges or [], vocab.pre, engine=engine)
-            if isinstance(self._bpe, PyBackend):
-                self._py_bpe = self._bpe
+            self._py_bpe = self._python_bpe()
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, Any], *, engine: str = "auto") -> Tokenizer:
         """Build from GGUF metadata (``GGUFFile(path).metadata``).
 
-        ``engine`` picks the BPE implementation: ``"auto"`` (Hugging Face
-        ``tokenizers`` when it can reproduce llama.cpp, else pure Python),
-        ``"hf"`` or ``"python"``.  Raises ``UnsupportedModelError`` naming the key
+        ``engine`` picks the BPE implementation: ``"auto"`` (pure Python, and
+        Hugging Face ``tokenizers`` for texts of ``bpe.LONG_TEXT`` characters and
+        more where it can reproduce llama.cpp; both give the same ids), ``"hf"`` or
+        ``"python"``.  Raises ``UnsupportedModelError`` naming the key
         and value for tokenizer models or pre-tokenizers lmap does not implement.
         """
         vocab = Vocab(md)
@@ -227,8 +230,7 @@ class Tokenizer:
                 if isinstance(frag, int):
                     out.append(frag)
                 elif isinstance(frag, str):
-                    assert self._bpe is not None
-                    self._bpe.tokenize(frag, out)
+                    self._bpe_tokenize(frag, out)
                 else:
                     self._encode_bpe_bytes(frag, out)
         if add_special and v.add_eos:
@@ -247,13 +249,31 @@ class Tokenizer:
             text.encode("utf-8")
         except UnicodeEncodeError:
             # surrogates decoded from the bytes: only the Python engine can carry them
-            if self._py_bpe is None:
-                assert self._v.pre is not None
-                self._py_bpe = PyBackend(self._v.token_to_id, self._pairs, self._v.pre)
-            self._py_bpe.tokenize(text, out)
+            self._python_bpe().tokenize(text, out)
             return
-        assert self._bpe is not None
-        self._bpe.tokenize(text, out)
+        self._bpe_tokenize(text, out)
+
+    def _bpe_tokenize(self, text: str, out: list[int]) -> None:
+        if self._hf is None and self._engine == "auto" and len(text) >= LONG_TEXT and not self._hf_tried:
+            self._hf = self._build_hf(strict=False)
+        (self._hf or self._python_bpe()).tokenize(text, out)
+
+    def _python_bpe(self) -> PyBackend:
+        if self._py_bpe is None:
+            assert self._v.pre is not None
+            self._py_bpe = PyBackend(self._v.token_to_id, self._merges, self._v.pre)
+        return self._py_bpe
+
+    def _build_hf(self, *, strict: bool) -> HFBackend | None:
+        """Hugging Face's engine; None where it cannot follow llama.cpp (unless ``strict``: raise)."""
+        self._hf_tried = True
+        assert self._v.pre is not None
+        try:
+            return HFBackend(self._v.token_to_id, split_merges(self._merges), self._v.pre)
+        except Exception:
+            if strict:
+                raise
+            return None
 
     def _encode_spm(self, fragments: list[str | bytes | int], out: list[int]) -> None:
         assert self._spm is not None
@@ -338,7 +358,12 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         v = self._v
-        engine = type(self._bpe).__name__ if self._bpe is not None else "SPMSession"
+        if self._spm is not None:
+            engine = "SPMSession"
+        elif self._engine == "auto":
+            engine = f"PyBackend, HFBackend from {LONG_TEXT} characters" + (" (built)" if self._hf else "")
+        else:
+            engine = "HFBackend" if self._engine == "hf" else "PyBackend"
         return f"Tokenizer(model={v.model!r}, pre={v.pre_name!r}, n_vocab={v.n_vocab}, engine={engine})"
 
 
