@@ -36,19 +36,23 @@ MiB = 1 << 20
 # file-backed part is the shared libraries (libpython, NumPy's BLAS, LLVM, TBB); the anonymous
 # part the interpreter's heap, module objects and the compiled code. Down from 78 / 103 MiB since
 # cached kernels load without Numba's compiler set-up (numba_cache.load_without_compiler_setup),
-# which imported SciPy and ~70 modules of Numba implementations, and without parsing their LLVM
-# bitcode (2026-12-06: a warm process with gemma3 at n_ctx 2048 measured 161.6 MiB anonymous
-# against 161.4 planned; SmolLM2 160.5 against 161.4).
-RUNTIME_ANON = 47 * MiB
-RUNTIME_FILE = 94 * MiB
+# which imported SciPy and ~70 modules of Numba implementations, without parsing their LLVM
+# bitcode, and without importing the modules of the Numba library code they inline
+# (numba_cache._environments_without_imports). 2026-12-06, a warm process at n_ctx 2048: gemma3
+# 156.4 MiB anonymous measured against 156.4 planned, SmolLM2 135.4 against 135.4; file-backed
+# beyond the weights 71.7 and 67.0 MiB (fewer of LLVM's and the tokenizers' pages touched).
+RUNTIME_ANON = 42 * MiB
+RUNTIME_FILE = 70 * MiB
 
 # Tokenizer tables (measured RssAnon growth of parsing the GGUF metadata and building the
 # tokenizer; tests/test_plan.py): about 205 bytes per vocabulary entry (a Python str in the token
-# list and in the token -> id dict, score and type arrays) plus the merges of BPE vocabularies,
-# and for BPE the Rust `tokenizers` model built from both.
+# list and in the token -> id dict, score and type arrays) plus, for BPE vocabularies, the merges
+# (their strings and the text -> rank dict) and the regex engine (2026-12-06: SmolLM2 19.9 MiB,
+# gemma3 50.9). Not planned: the Rust `tokenizers` engine (~22 MiB for SmolLM2), which lmap builds
+# only when it first tokenizes a text of bpe.LONG_TEXT characters (a perplexity run, a long file).
 TOKENIZER_BYTES_PER_TOKEN = 205
 TOKENIZER_BYTES_PER_MERGE = 200
-TOKENIZER_BPE_BASE = 22 * MiB
+TOKENIZER_BPE_BASE = 1 * MiB
 
 
 @dataclass(frozen=True)
