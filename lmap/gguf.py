@@ -363,6 +363,11 @@ class GGUFFile:
         return "array"
 
     # ------------------------------------------------------------------ access
+    @property
+    def data(self) -> np.ndarray:
+        """The whole file as ``uint8``: a view of the read-only mapping (without mmap, the copy read)."""
+        return self._bytes
+
     def tensor(self, name: str) -> np.ndarray:
         """Zero-copy view of a tensor's bytes.
 

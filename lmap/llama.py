@@ -37,7 +37,7 @@ from .grammar import Grammar, Matcher, TokenVocab, sample_with_grammar
 from .kv_cache import KVCache
 from .models import Scratch, load_model
 from .models.base import needs_tile
-from .plan import context_arrays, prefault_in_background
+from .plan import context_arrays, map_in_background, prefault_in_background
 from .registry import resolve_model
 from .residency import Residency
 from .sampling import Sampler, SamplingParams, StopMatcher
@@ -160,6 +160,8 @@ class Llama:
         # KV cache (~50 ms for SmolLM2's at n_ctx 4096) after.
         scratch_faults = prefault_in_background(context_arrays(self._scratch))
         kv_faults = prefault_in_background(self._kv.k + self._kv.v)
+        # the mapped weights too, unless a memory budget decides what stays resident
+        weights_mapped = map_in_background(self._gguf.data) if use_mmap and mem_budget is None else None
         self._tokenizer = Tokenizer.from_metadata(self.metadata)
         self.input_ids = np.zeros(self._n_ctx, dtype=np.intc)
         # np.zeros maps untouched pages lazily, so n_ctx x n_vocab costs only the rows evaluated
@@ -185,6 +187,8 @@ class Llama:
         scratch_faults.join()
         self._warm_up()
         kv_faults.join()
+        if weights_mapped is not None:
+            weights_mapped.join()
         self.timings["load_ms"] = (time.perf_counter() - t0) * 1e3
         self._chat_template: ChatTemplate | None = None  # compiled on first use (Jinja2: 10 ms of start-up)
 
@@ -194,11 +198,16 @@ class Llama:
         t = time.perf_counter()
         m = self._model
         m.team_attention_work = 0  # also the team's one-token attention, which long contexts take
+        # only as many leading layers as it takes to meet every kind of layer (all of them where
+        # formats vary along the stack; one of SmolLM2's 30): the kernels are what is warmed
+        layers = m.layers
+        m.layers = layers[: m.warm_up_layers()]
         try:
             for n in (1, min(2, self.n_batch)):
                 self._forward(np.zeros(n, np.int32), 0)
         finally:
             del m.team_attention_work
+            m.layers = layers
         self._kv.clear()
         dt = time.perf_counter() - t
         if dt > 5:

@@ -167,3 +167,14 @@ def test_bad_constructor_arguments(smollm2_path: Path, tmp_path: Path) -> None:
         Llama(str(tmp_path / "nope.gguf"))
     with pytest.raises(InvalidParameterError, match="type_k"):
         Llama(str(smollm2_path), type_k="q3")
+
+
+@pytest.mark.slow
+def test_warm_up_runs_the_layers_that_hold_every_kind(smollm2_path: Path, gemma3_path: Path) -> None:
+    from lmap.gguf import GGUFFile
+    from lmap.models import load_model
+
+    # SmolLM2's 30 layers are alike; gemma3's last (global attention, Q8_0 values, Q6_K down) is
+    # the only one of its kind
+    assert load_model(GGUFFile(smollm2_path)).warm_up_layers() == 1
+    assert load_model(GGUFFile(gemma3_path)).warm_up_layers() == 18

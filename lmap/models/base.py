@@ -376,6 +376,15 @@ class Model:
         else:
             ops.attention(s.q[:n], k, v, pos, m.cell_pos, m.n_used, sc, window, hp.attn_softcap, s.scores, s.att[:n])
 
+    def warm_up_layers(self) -> int:
+        """How many leading layers hold every kind of layer this model has (weight formats and
+        shapes, attention window): a forward pass through those loads every kernel a full one needs."""
+        swa = self.swa_layers
+        first: dict[object, int] = {}
+        for i, layer in enumerate(getattr(self, "layers", [])):
+            first.setdefault((swa[i], tuple(sorted((n, _kind(v)) for n, v in vars(layer).items()))), i)
+        return max(first.values(), default=-1) + 1
+
     @property
     def swa_layers(self) -> list[bool]:
         """Which layers use sliding-window attention (none, unless the architecture says so)."""
@@ -474,6 +483,15 @@ class Model:
         """True when every layer matrix takes the integer panel GEMM in prompt batches."""
         mats = self.layer_matrices()
         return bool(mats) and all(m.fid >= 0 for m in mats)
+
+
+def _kind(v: object) -> object:
+    """What of a layer attribute decides the kernels it takes."""
+    if isinstance(v, QMatrix):
+        return ("matrix", v.format.name, v.rows, v.cols, v.fid)
+    if isinstance(v, np.ndarray):
+        return ("array", v.dtype.str, v.shape)
+    return repr(v)
 
 
 def check_tensor_shapes(model: Model) -> None:
