@@ -33,7 +33,6 @@ import numpy as np
 
 from .errors import ContextOverflowError, InvalidParameterError
 from .gguf import GGUFFile
-from .grammar import Grammar, Matcher, TokenVocab, sample_with_grammar
 from .kv_cache import KVCache
 from .models import Scratch, load_model
 from .models.base import needs_tile
@@ -46,6 +45,7 @@ from .tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from .chat import ChatTemplate
+    from .grammar import Grammar, Matcher
 
 log = logging.getLogger("lmap")
 
@@ -420,6 +420,8 @@ class Llama:
             if logits_processor is not None:
                 logits = logits_processor(self._input_ids, logits)
             if grammar is not None:
+                from .grammar import sample_with_grammar
+
                 # sample freely, pay for the full-vocabulary mask only when the grammar rejects the choice
                 tok = sample_with_grammar(lambda x, h=self._input_ids: sampler.sample(x, h), logits, grammar)
                 grammar.accept(tok)
@@ -644,6 +646,10 @@ class Llama:
 
     def _grammar_matcher(self, grammar: str | Grammar | None, response_format: dict[str, Any] | None) -> Matcher | None:
         """A fresh matcher for ``grammar`` (GBNF text or Grammar), else for ``response_format``, else None."""
+        if grammar is None and response_format is None:
+            return None  # the grammar module (and its kernels) load with the first grammar
+        from .grammar import Grammar, TokenVocab
+
         g = Grammar.from_gbnf(grammar) if isinstance(grammar, str) else grammar
         if g is None:
             g = Grammar.from_response_format(response_format)
