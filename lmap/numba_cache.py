@@ -50,7 +50,10 @@ def use_source_keyed_cache() -> None:
     root = cache_dir() / "numba"
     name = sources_digest(Path(__file__).parent)
     # LMAP_SIMD picks the intrinsics' instruction set at import: its kernels must not share a cache
+    # (an unknown value makes no folder: the kernels refuse it before compiling anything)
     simd = "".join(c for c in os.environ.get("LMAP_SIMD", "").lower() if c.isalnum())
+    if simd not in ("", "auto", "avx2", "portable"):
+        return
     folder = root / (f"{name}-{simd}" if simd and simd != "auto" else name)
     try:
         new = not folder.exists()
@@ -129,7 +132,8 @@ def _cache_folder_checked_once() -> None:
     """Check that the cache folder is writable once, not once per kernel.
 
     Numba proves it by creating and deleting a temporary file there for every cached function
-    when it is defined: 126 files, 3 ms of importing lmap.
+    when it is defined: 126 files, 3 ms of importing lmap. The folder is still made again when
+    missing (another version's start may have pruned it since), before each save as before.
     """
     from numba.core import caching
 
@@ -140,7 +144,9 @@ def _cache_folder_checked_once() -> None:
 
     def ensure_cache_path(self: caching._CacheLocator) -> None:
         path = self.get_cache_path()
-        if path not in checked:
+        if path in checked:
+            os.makedirs(path, exist_ok=True)
+        else:
             original(self)
             checked.add(path)
 
@@ -296,8 +302,13 @@ def _initialize_runtime(rtsys: object) -> None:
 
     def run() -> None:
         with global_compiler_lock:
-            if path is None or not _compile_runtime(rtsys, ctx, path):
-                rtsys.initialize(ctx)  # type: ignore[attr-defined]
+            if path is not None:
+                try:
+                    _compile_runtime(rtsys, ctx, path)
+                    return
+                except Exception:  # noqa: BLE001 - Numba's internals differ: its own set-up below
+                    pass
+            rtsys.initialize(ctx)  # type: ignore[attr-defined]
 
     thread = threading.Thread(target=run, name="lmap-nrt", daemon=True)
     thread.start()
@@ -345,20 +356,24 @@ def _load_runtime(rtsys: object, ctx: object, path: Path) -> bool:
     with global_compiler_lock:
         if getattr(rtsys, "_init", False):
             return True
-        _add_runtime_symbols()
-        rtsys._library = ctx.codegen().unserialize_library(state)  # type: ignore[attr-defined]
+        try:
+            _add_runtime_symbols()
+            library = ctx.codegen().unserialize_library(state)  # type: ignore[attr-defined]
+        except Exception:  # noqa: BLE001 - a file from elsewhere, or Numba's internals differ: compile
+            return False
+        rtsys._library = library  # type: ignore[attr-defined]
         rtsys._init = True  # type: ignore[attr-defined]
     return True
 
 
-def _compile_runtime(rtsys: object, ctx: object, path: Path) -> bool:
+def _compile_runtime(rtsys: object, ctx: object, path: Path) -> None:
     """Compile the NRT as ``rtsys.initialize`` does, with its object code kept at ``path``."""
     import pickle
 
     from numba.core.runtime import nrtdynmod
 
     if getattr(rtsys, "_init", False):
-        return True
+        return
     _add_runtime_symbols()
     ir_mod, library = nrtdynmod.create_nrt_module(ctx)
     library.enable_object_caching()
@@ -372,4 +387,3 @@ def _compile_runtime(rtsys: object, ctx: object, path: Path) -> bool:
         os.replace(tmp, path)
     except OSError:
         tmp.unlink(missing_ok=True)
-    return True

@@ -120,7 +120,12 @@ def test_warm_start_loads_cached_kernels_without_the_compiler_set_up(tmp_path: P
         assert r.returncode == 0, r.stderr
     assert runs[0].stdout.split() == ["90.0", "1.5", "True", "24.0", "12.0", "1", "True", "True", "True", "True"]
     assert runs[1].stdout.split() == ["90.0", "1.5", "False", "24.0", "12.0", "0", "False", "False", "False", "True"]
-    assert len(list((tmp_path / "cache").glob("nrt-*.nbc"))) == 1
+    (nrt,) = (tmp_path / "cache").glob("nrt-*.nbc")
+    nrt.write_bytes(nrt.read_bytes()[:100])  # a damaged file: compiled again, and rewritten
+    r = subprocess.run([sys.executable, "-c", _USE], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[:6] == ["90.0", "1.5", "False", "24.0", "12.0", "1"]
+    assert len(nrt.read_bytes()) > 1000
 
 
 def test_elf_symbols_of_an_object_and_of_anything_else() -> None:
@@ -162,3 +167,20 @@ def test_a_fork_right_after_import_can_load_kernels(tmp_path: Path) -> None:
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and r.stdout.split() == ["90.0"], r.stderr
+
+
+def test_a_kernel_compiled_after_its_cache_folder_was_pruned_is_saved(tmp_path: Path) -> None:
+    # another lmap version's start may prune this one's folder while it runs (a server, a test
+    # run): a kernel compiled afterwards must still save, into the folder made again
+    (tmp_path / "kernels_mod.py").write_text(_KERNELS)
+    code = (
+        "import os, shutil, numpy as np\n"
+        "import lmap.kernels\n"
+        "import kernels_mod\n"
+        "shutil.rmtree(os.environ['NUMBA_CACHE_DIR'])\n"
+        "print(kernels_mod.total(np.arange(10.0)))\n"
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.split() == ["90.0"], r.stderr
+    assert list((tmp_path / "cache").rglob("*total*.nbi"))

@@ -72,8 +72,8 @@ def test_every_level_gives_the_same_products(tmp_path: Path) -> None:
                 np.testing.assert_array_equal(other[key], auto[key], err_msg=f"{key}: {level} differs from auto")
 
 
-def test_an_unknown_level_is_named() -> None:
-    env = dict(os.environ, LMAP_SIMD="sse9")
+def test_an_unknown_level_is_named(tmp_path: Path) -> None:
+    env = dict(os.environ, LMAP_SIMD="sse9", LMAP_CACHE_DIR=str(tmp_path))
     env.pop("NUMBA_CACHE_DIR", None)
     r = subprocess.run(
         [sys.executable, "-c", "import lmap.kernels.simd"], env=env, capture_output=True, text=True, timeout=120
@@ -86,3 +86,5 @@ def test_an_unknown_level_is_named() -> None:
     )
     assert r.returncode == 1
     assert r.stderr.strip() == "lmap: error: LMAP_SIMD='sse9': expected one of auto, avx2, portable"
+    # and no cache folder is made for it (a new folder prunes the oldest: a live process's)
+    assert not (tmp_path / "numba").exists() or not any((tmp_path / "numba").iterdir())
