@@ -204,7 +204,8 @@ class Llama:
         m.layers = layers[: m.warm_up_layers()]
         try:
             for n in (1, min(2, self.n_batch)):
-                self._forward(np.zeros(n, np.int32), 0)
+                # the second pass's one row of logits takes the first's kernels again
+                self._forward(np.zeros(n, np.int32), 0, hidden=n > 1 and not self._logits_all)
         finally:
             del m.team_attention_work
             m.layers = layers
@@ -257,11 +258,12 @@ class Llama:
         return self.scores[: self.n_tokens, :] if self._logits_all else self.scores
 
     # ------------------------------------------------------------------ evaluation
-    def _forward(self, ids: np.ndarray, start: int) -> np.ndarray:
+    def _forward(self, ids: np.ndarray, start: int, hidden: bool = False) -> np.ndarray:
         n = ids.shape[0]
         self._ids[:n] = ids
         self._pos[:n] = np.arange(start, start + n, dtype=np.int32)
-        return self._model.forward(self._ids[:n], self._pos[:n], self._scratch, self._kv, self._logits_all)
+        s, kv = self._scratch, self._kv
+        return self._model.forward(self._ids[:n], self._pos[:n], s, kv, self._logits_all, hidden=hidden)
 
     def eval(self, tokens: Sequence[int]) -> None:
         """Evaluate ``tokens`` after the ``n_tokens`` already in the context, n_batch at a time."""
