@@ -39,19 +39,19 @@ MiB = 1 << 20
 # which imported SciPy and ~70 modules of Numba implementations, without parsing their LLVM
 # bitcode, and without importing the modules of the Numba library code they inline
 # (numba_cache._environments_without_imports). 2026-12-06, a warm process at n_ctx 2048: gemma3
-# 156.4 MiB anonymous measured against 156.4 planned, SmolLM2 135.4 against 135.4; file-backed
+# 154.8 MiB anonymous measured against 154.9 planned, SmolLM2 135.1 against 134.2; file-backed
 # beyond the weights 71.7 and 67.0 MiB (fewer of LLVM's and the tokenizers' pages touched).
 RUNTIME_ANON = 42 * MiB
 RUNTIME_FILE = 70 * MiB
 
 # Tokenizer tables (measured RssAnon growth of parsing the GGUF metadata and building the
-# tokenizer; tests/test_plan.py): about 205 bytes per vocabulary entry (a Python str in the token
-# list and in the token -> id dict, score and type arrays) plus, for BPE vocabularies, the merges
-# (their strings and the text -> rank dict) and the regex engine (2026-12-06: SmolLM2 19.9 MiB,
-# gemma3 50.9). Not planned: the Rust `tokenizers` engine (~22 MiB for SmolLM2), which lmap builds
-# only when it first tokenizes a text of bpe.LONG_TEXT characters (a perplexity run, a long file).
-TOKENIZER_BYTES_PER_TOKEN = 205
-TOKENIZER_BYTES_PER_MERGE = 200
+# tokenizer; tests/test_plan.py): about 199 bytes per vocabulary entry (a Python str in the token
+# list and in the token -> id dict, score, type and attribute arrays) plus, for BPE vocabularies,
+# the merges (their strings and the text -> rank dict) and the regex engine (2026-12-06: SmolLM2
+# 18.8 MiB, gemma3 49.8). Not planned: the Rust `tokenizers` engine (~22 MiB for SmolLM2), which
+# lmap builds only when it first tokenizes a text of bpe.LONG_TEXT characters (a long file).
+TOKENIZER_BYTES_PER_TOKEN = 199
+TOKENIZER_BYTES_PER_MERGE = 180
 TOKENIZER_BPE_BASE = 1 * MiB
 
 
