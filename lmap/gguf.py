@@ -30,6 +30,7 @@ import numpy as np
 
 from .errors import GGUFError, LmapError
 from .quants.formats import FORMATS, BlockFormat
+from .string_array import StringArray
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -142,31 +143,31 @@ class _Cursor:
             return raw.decode("utf-8", errors="surrogateescape")
 
 
-_SCAN_MIN = 1024  # strings in an array worth a compiled scan (a vocabulary, its merges)
+_SCAN_MIN = 1024  # strings in an array kept as a StringArray (a vocabulary, its merges)
 
 
-def _scan_string_array(c: _Cursor, n: int) -> list[str] | None:
-    """A string array's strings from two compiled passes, one decode and one split; None if it needs
-    the checked Python loop (a string that runs past the end, holds a NUL, or is not UTF-8)."""
-    from .kernels.strings import join_strings, measure_strings
+def _scan_string_array(c: _Cursor, n: int) -> StringArray | None:
+    """A string array kept as its bytes, gathered by two compiled passes; None if a string runs
+    past the end (the checked Python loop then names it)."""
+    from .kernels.strings import gather_strings, measure_strings
 
     buf = np.frombuffer(c.buf, dtype=np.uint8)
     nbytes, end = measure_strings(buf, c.pos, n)
     if end < 0:
         return None
-    joined = np.empty(nbytes, dtype=np.uint8)
-    if not join_strings(buf, c.pos, n, joined):
-        return None
-    try:
-        strings = str(memoryview(joined), "utf-8").split("\0")
-    except UnicodeDecodeError:
-        return None
+    data = np.empty(nbytes, dtype=np.uint8)
+    offsets = np.empty(n + 1, dtype=np.int64)
+    clean = gather_strings(buf, c.pos, n, data, offsets)
     c.pos = end
-    return strings
+    return StringArray(data, offsets, clean=clean)
 
 
 class GGUFFile:
     """A GGUF file mapped read-only. ``metadata`` is a dict; ``tensor(name)`` a zero-copy view.
+
+    Metadata values are Python scalars and strings, NumPy arrays for numeric arrays, lists for
+    short string arrays and a read-only :class:`~lmap.string_array.StringArray` (a
+    ``Sequence[str]``) for arrays of 1 024 strings and more, such as the vocabulary.
 
     ``use_mmap=False`` reads the whole file into anonymous memory instead (same views,
     same results), for file systems where mapping is slow or to avoid page-ins later.
@@ -318,13 +319,13 @@ class GGUFFile:
         raise c.fail(f"metadata key {key!r}: unknown value type {vtype}", at)
 
     @staticmethod
-    def _string_array(c: _Cursor, n: int, key: str) -> list[str]:
+    def _string_array(c: _Cursor, n: int, key: str) -> list[str] | StringArray:
         if n >= _SCAN_MIN:
             strings = _scan_string_array(c, n)
             if strings is not None:
                 return strings
-        # What the compiled scan leaves: short arrays, and any array with a string to report or
-        # that is not UTF-8 (decoded one by one, keeping undecodable bytes as surrogates).
+        # What the compiled scan leaves: short arrays, and any array with a string to report
+        # (decoded one by one, keeping bytes that are not UTF-8 as surrogates).
         size, base = c.size, c.pos
         raw = c.buf[base:]
         out: list[str] = []

@@ -45,13 +45,16 @@ RUNTIME_ANON = 42 * MiB
 RUNTIME_FILE = 70 * MiB
 
 # Tokenizer tables (measured RssAnon growth of parsing the GGUF metadata and building the
-# tokenizer; tests/test_plan.py): about 199 bytes per vocabulary entry (a Python str in the token
-# list and in the token -> id dict, score, type and attribute arrays) plus, for BPE vocabularies,
-# the merges (their strings and the text -> rank dict) and the regex engine (2026-12-06: SmolLM2
-# 18.8 MiB, gemma3 49.8). Not planned: the Rust `tokenizers` engine (~22 MiB for SmolLM2), which
-# lmap builds only when it first tokenizes a text of bpe.LONG_TEXT characters (a long file).
-TOKENIZER_BYTES_PER_TOKEN = 199
-TOKENIZER_BYTES_PER_MERGE = 180
+# tokenizer; tests/test_plan.py). BPE: about 230 bytes per vocabulary entry (a Python str in the
+# token list and in the token -> id dict; score, type and attribute arrays; the GGUF's packed
+# StringArray) plus the merges (their strings and the text -> rank dict) and the regex engine
+# (2026-12-06: SmolLM2 21.1 MiB). SPM: the vocabulary stays packed (UTF-8 bytes, offsets, a hash
+# table, lmap.string_array), about 65 bytes per entry (gemma3 16.3 MiB, was 49.8 as Python
+# objects). Not planned: the Rust `tokenizers` engine (~22 MiB for SmolLM2), which lmap builds
+# only when it first tokenizes a text of bpe.LONG_TEXT characters (a long file).
+TOKENIZER_BYTES_PER_TOKEN = 230
+TOKENIZER_BYTES_PER_SPM_TOKEN = 65
+TOKENIZER_BYTES_PER_MERGE = 200
 TOKENIZER_BPE_BASE = 1 * MiB
 
 
@@ -235,9 +238,11 @@ def llama_buffers(hp: HParams, n_ctx: int, n_batch: int, logits_all: bool) -> li
 
 
 def tokenizer_estimate(n_vocab: int, n_merges: int) -> int:
-    """Anonymous bytes the tokenizer tables take (see TOKENIZER_* above)."""
+    """Anonymous bytes the tokenizer tables take (see TOKENIZER_* above; merges mean BPE)."""
+    if not n_merges:
+        return n_vocab * TOKENIZER_BYTES_PER_SPM_TOKEN
     nb = n_vocab * TOKENIZER_BYTES_PER_TOKEN + n_merges * TOKENIZER_BYTES_PER_MERGE
-    return nb + (TOKENIZER_BPE_BASE if n_merges else 0)
+    return nb + TOKENIZER_BPE_BASE
 
 
 def plan(

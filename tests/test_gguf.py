@@ -55,6 +55,7 @@ from hypothesis import strategies as st
 from lmap.errors import GGUFError
 from lmap.gguf import GGUFFile
 from lmap.quants.formats import FORMATS, FORMATS_BY_NAME
+from lmap.string_array import StringArray
 
 VT = gguf.GGUFValueType
 QT = GGMLQuantizationType
@@ -292,19 +293,31 @@ def test_long_string_arrays_read_as_the_checked_loop_reads_them(
     ]
 
 
-def test_compiled_string_scan_joins_and_reports() -> None:
-    from lmap.kernels.strings import join_strings, measure_strings
+def test_compiled_string_scan_gathers_and_reports() -> None:
+    from lmap.kernels.strings import gather_strings, measure_strings
 
     records = b"".join(struct.pack("<Q", len(x)) + x for x in (b"ab", b"", b"\xc3\xa9"))
     buf = np.frombuffer(b"xx" + records, np.uint8)
     nbytes, end = measure_strings(buf, 2, 3)
     assert (nbytes, end) == (6, len(buf))
-    out = np.empty(nbytes, np.uint8)
-    assert join_strings(buf, 2, 3, out) and out.tobytes() == b"ab\0\0\xc3\xa9"
+    out, offsets = np.empty(nbytes, np.uint8), np.empty(4, np.int64)
+    assert gather_strings(buf, 2, 3, out, offsets) and out.tobytes() == b"ab\0\0\xc3\xa9"
+    assert offsets.tolist() == [0, 3, 4, 7]
     assert measure_strings(buf[:-1], 2, 3)[1] == -3  # the third string runs past the end
     assert measure_strings(buf[:12], 2, 3)[1] == -2  # the second's length prefix is cut
     holds_nul = np.frombuffer(struct.pack("<Q", 1) + b"\0", np.uint8)
-    assert not join_strings(holds_nul, 0, 1, np.empty(1, np.uint8))
+    assert not gather_strings(holds_nul, 0, 1, np.empty(1, np.uint8), np.empty(2, np.int64))
+
+
+def test_a_long_string_array_is_a_string_array(tmp_path: Path) -> None:
+    items = [f"tok{i}" for i in range(2000)]
+    path = build([kv("v.tokens", ARRAY, array(STRING, items)), kv("v.short", ARRAY, array(STRING, ["a"]))]).write(
+        tmp_path / "s.gguf"
+    )
+    md = GGUFFile(path).metadata
+    assert isinstance(md["v.tokens"], StringArray) and isinstance(md["v.short"], list)
+    assert md["v.tokens"] == items and md["v.tokens"][-1] == "tok1999" and md["v.tokens"][3:5] == ["tok3", "tok4"]
+    assert md["v.tokens"].find("tok1234") == 1234 and "tok2000" not in md["v.tokens"]
 
 
 def test_a_long_string_array_cut_short_names_the_string(tmp_path: Path) -> None:

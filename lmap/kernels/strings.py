@@ -3,7 +3,8 @@
 Each string is a u64 byte length then the bytes, so finding the n-th needs the n-1 before it:
 a sequential scan, 0.5 µs a string in Python (40 ms for SmolLM2's 98k vocabulary and merges,
 130 ms for gemma3's 262k tokens). Compiled, the scan copies the strings out NUL-separated in a
-few milliseconds, and one decode and one ``str.split`` (both C loops) make the Python strings.
+few milliseconds; a long array stays as those bytes (``lmap.string_array.StringArray``), and
+one decode and one ``str.split`` (both C loops) make the Python strings where a list is wanted.
 The caller allocates the output: a kernel that returns a new array loads Numba's array module
 with it (17 ms of imports at start-up).
 """
@@ -42,22 +43,90 @@ def measure_strings(buf: np.ndarray, pos: int, n: int) -> tuple[int, int]:  # pr
 
 
 @njit(cache=True, nogil=True)
-def join_strings(buf: np.ndarray, pos: int, n: int, out: np.ndarray) -> bool:  # pragma: no cover - compiled
-    """Copy the records :func:`measure_strings` measured into ``out``, NUL-separated; False when a
-    string holds a NUL byte itself (the join would be ambiguous)."""
+def gather_strings(buf: np.ndarray, pos: int, n: int, out: np.ndarray, offsets: np.ndarray) -> bool:  # pragma: no cover
+    """Copy the records :func:`measure_strings` measured into ``out``, NUL-separated, string ``i``
+    at ``out[offsets[i] : offsets[i + 1] - 1]``; False when a string holds a NUL byte itself (one
+    decode and one split of ``out`` would then cut it)."""
     p = pos
     o = 0
+    clean = True
     for i in range(n):
         ln = _length(buf, p)
         p += 8
-        if i > 0:
-            out[o] = 0
-            o += 1
+        offsets[i] = o
         for k in range(ln):
             b = buf[p + k]
-            if b == 0:
-                return False
+            clean &= b != 0
             out[o + k] = b
         o += ln
+        if i + 1 < n:
+            out[o] = 0
+        o += 1
         p += ln
+    offsets[n] = o
+    return clean
+
+
+# --- a hash table over such strings: text -> index, as a dict, in a few MiB instead of ~35 -------
+# FNV-1a over the bytes, open addressing with linear probing, -1 for an empty slot.
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _hash(data: np.ndarray, start: int, end: int) -> int:  # pragma: no cover - compiled
+    h = np.uint64(14695981039346656037)
+    for k in range(start, end):
+        h = (h ^ np.uint64(data[k])) * np.uint64(1099511628211)
+    return h
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _same(
+    data: np.ndarray, offsets: np.ndarray, i: int, key: np.ndarray, start: int, end: int
+) -> bool:  # pragma: no cover - compiled
+    s = offsets[i]
+    if offsets[i + 1] - 1 - s != end - start:
+        return False
+    for k in range(end - start):  # noqa: SIM110 - a loop Numba compiles, not a generator
+        if data[s + k] != key[start + k]:
+            return False
     return True
+
+
+@njit(cache=True, nogil=True, inline="always")
+def lookup(
+    data: np.ndarray, offsets: np.ndarray, table: np.ndarray, key: np.ndarray, start: int, end: int
+) -> int:  # pragma: no cover - compiled
+    """The index of the string ``key[start:end]``, -1 when absent."""
+    mask = table.shape[0] - 1
+    slot = np.int64(_hash(key, start, end) & np.uint64(mask))
+    while True:
+        i = table[slot]
+        if i < 0:
+            return -1
+        if _same(data, offsets, i, key, start, end):
+            return i
+        slot = (slot + 1) & mask
+
+
+@njit(cache=True, nogil=True)
+def find_string(data: np.ndarray, offsets: np.ndarray, table: np.ndarray, key: np.ndarray) -> int:  # pragma: no cover
+    """:func:`lookup` of the whole of ``key``."""
+    return lookup(data, offsets, table, key, 0, key.shape[0])
+
+
+@njit(cache=True, nogil=True)
+def fill_table(data: np.ndarray, offsets: np.ndarray, table: np.ndarray) -> None:  # pragma: no cover - compiled
+    """Index every string into ``table`` (all -1, a power of two longer than the strings); a text
+    that occurs twice maps to its last index, as ``dict(zip(strings, range(n)))`` (llama.cpp's
+    ``token_to_id``) does."""
+    mask = table.shape[0] - 1
+    for i in range(offsets.shape[0] - 1):
+        s = offsets[i]
+        e = offsets[i + 1] - 1
+        slot = np.int64(_hash(data, s, e) & np.uint64(mask))
+        while True:
+            j = table[slot]
+            if j < 0 or _same(data, offsets, j, data, s, e):
+                table[slot] = i
+                break
+            slot = (slot + 1) & mask

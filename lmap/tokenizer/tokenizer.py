@@ -7,15 +7,19 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from ..errors import InvalidParameterError, LmapError, UnsupportedModelError
+from ..string_array import StringArray
 from .bpe import LONG_TEXT, HFBackend, PyBackend, check_engine, split_merges
 from .pretokenize import BYTE_DECODE_TABLE, UNICODE_TO_BYTE
 from .specials import SpecialMatcher, partition
-from .spm import SPMSession, symbols_from_bytes
+from .spm import SPMSession
 from .vocab import TokenAttr, TokenType, Vocab
 
 _SPECIAL_ATTRS = int(TokenAttr.UNKNOWN | TokenAttr.CONTROL)  # ints: an IntFlag operation costs ~1.5 us
 _HEX_PREFIX = re.compile(r"[0-9A-Fa-f]+")
+_SPACE = "\u2581".encode()
 _TEXT_ATTRS = int(TokenAttr.UNKNOWN | TokenAttr.CONTROL | TokenAttr.USER_DEFINED)
 
 
@@ -71,7 +75,7 @@ class Tokenizer:
     def __init__(self, vocab: Vocab, merges: Sequence[str] | None = None, *, engine: str = "auto") -> None:
         self._v = vocab
         self._matcher = SpecialMatcher(vocab.specials)
-        self._pieces: list[bytes | None] = [None] * vocab.n_vocab
+        self._pieces: dict[int, bytes] = {}  # a dict, not a list: gemma3 has 262 144 ids
         check_engine(engine)
         self._engine = engine
         self._merges: Sequence[str] = merges or []
@@ -80,7 +84,8 @@ class Tokenizer:
         self._py_bpe: PyBackend | None = None  # "python", "auto"; "hf" for what Rust cannot carry
         self._spm: SPMSession | None = None
         if vocab.is_spm:
-            self._spm = SPMSession(vocab.token_to_id, vocab.scores, vocab.n_vocab)
+            assert isinstance(vocab.tokens, StringArray)
+            self._spm = SPMSession(vocab.tokens, np.ascontiguousarray(vocab.scores))
         elif engine == "hf":
             self._hf = self._build_hf(strict=True)
         else:
@@ -98,6 +103,8 @@ class Tokenizer:
         """
         vocab = Vocab(md)
         merges = md.get("tokenizer.ggml.merges")
+        if isinstance(merges, StringArray):
+            merges = merges.tolist()  # one decode and one split; the merge ranks keep the strings
         if not vocab.is_spm and not isinstance(merges, list):
             raise UnsupportedModelError("tokenizer.ggml.model = 'gpt2' needs tokenizer.ggml.merges, which is missing")
         return cls(vocab, merges, engine=engine)
@@ -110,8 +117,8 @@ class Tokenizer:
         return self._v.n_vocab
 
     @property
-    def tokens(self) -> list[str]:
-        """Token texts by id (the vocabulary's own list: do not modify)."""
+    def tokens(self) -> Sequence[str]:
+        """Token texts by id (the vocabulary's own sequence: a list, or a ``StringArray`` for SPM)."""
         return self._v.tokens
 
     @property
@@ -284,13 +291,10 @@ class Tokenizer:
                 out.append(frag)
                 is_prev_special = True
                 continue
-            if isinstance(frag, str):
-                text = (" " + frag if prefix and is_prev_special else frag).replace(" ", "\u2581")
-                syms = list(text)
-            else:
-                data = (b" " + frag if prefix and is_prev_special else frag).replace(b" ", "\u2581".encode())
-                syms = symbols_from_bytes(data)
-            self._spm.tokenize(syms, out)
+            data = frag.encode() if isinstance(frag, str) else frag  # str fragments hold no lone surrogates
+            if prefix and is_prev_special:
+                data = b" " + data
+            self._spm.tokenize(data.replace(b" ", _SPACE), out)
             is_prev_special = False
 
     # --- decoding ---------------------------------------------------------------
@@ -304,7 +308,7 @@ class Tokenizer:
         attr = self._v.attrs[self._check(token_id)]
         if not special and attr & _SPECIAL_ATTRS:
             return b""
-        piece = self._pieces[token_id]
+        piece = self._pieces.get(token_id)
         if piece is None:
             piece = self._pieces[token_id] = self._make_piece(token_id, attr)
         return piece

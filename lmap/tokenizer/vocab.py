@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UnsupportedModelError
+from ..string_array import StringArray
 from .pretokenize import PreTokenizer, pre_tokenizer_for
 from .specials import Special
 
@@ -145,10 +146,6 @@ _UNKNOWN, _UNUSED, _NORMAL, _CONTROL, _USER_DEFINED, _LSTRIP, _RSTRIP = (
 )
 
 
-def _f32_bytes(values: Any, n: int) -> bytes:
-    return np.ascontiguousarray(np.asarray(values, dtype=np.float32)[:n]).tobytes()
-
-
 class Vocab:
     """Tokens, their attributes and the special ids of one GGUF vocabulary."""
 
@@ -163,23 +160,35 @@ class Vocab:
         self.pre_name: str = md.get(_K + "pre") or ""
 
         tokens = md.get(_K + "tokens")
-        if not isinstance(tokens, list) or not tokens:
+        if not isinstance(tokens, list | StringArray) or not len(tokens):
             raise UnsupportedModelError(f"{_K}tokens is missing or empty")
         n = len(tokens)
-        t2i = dict(zip(tokens, range(n), strict=True))
-        if "" in t2i:  # llama.cpp names empty tokens so that they stay distinct
-            tokens = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-            t2i = dict(zip(tokens, range(n), strict=True))
-        self.tokens: list[str] = tokens
-        self.token_to_id: dict[str, int] = t2i
         self.n_vocab = n
+        self._t2i: dict[str, int] | None = None
+        self.tokens: Sequence[str]
+        if self.is_spm:
+            # SPM merges run compiled over the texts' bytes: no str objects, no dict (gemma3: 6 MiB, not 35)
+            texts = tokens if isinstance(tokens, StringArray) else StringArray.from_strings(tokens)
+            if np.any(np.diff(texts.offsets) == 1):  # llama.cpp names empty tokens so that they stay distinct
+                texts = StringArray.from_strings([t or f"[EMPTY_{i}]" for i, t in enumerate(texts)])
+            self.tokens = texts
+        else:
+            words = tokens.tolist() if isinstance(tokens, StringArray) else tokens
+            t2i = dict(zip(words, range(n), strict=True))
+            if "" in t2i:
+                words = [t or f"[EMPTY_{i}]" for i, t in enumerate(words)]
+                t2i = dict(zip(words, range(n), strict=True))
+            self.tokens = words
+            self._t2i = t2i
+        tokens = self.tokens
+        token_id = self.token_id
 
         types = md.get(_K + "token_type")
         if types is None:
             type_arr = np.full(n, TokenType.NORMAL, dtype=np.int32)
         else:
-            # a copy: the metadata array may be a view into the file's memory map
-            type_arr = np.array(types, dtype=np.int32)
+            # GGUFFile's arrays are copies, not views into its map: shared, not copied again
+            type_arr = np.asarray(types, dtype=np.int32)
             if type_arr.shape[0] < n:
                 raise UnsupportedModelError(f"{_K}token_type has {type_arr.shape[0]} entries for {n} tokens")
             type_arr = type_arr[:n]
@@ -190,9 +199,8 @@ class Vocab:
         scores = md.get(_K + "scores")
         if scores is not None and len(scores) < n:
             raise UnsupportedModelError(f"{_K}scores has {len(scores)} entries for {n} tokens")
-        # float32 in an array, not a list of Python floats: 1 MiB instead of 8 for gemma's 262144
-        # tokens, and indexing still hands the merge loop a plain float
-        self.scores: Sequence[float] = array("f", bytes(4 * n) if scores is None else _f32_bytes(scores, n))
+        # float32, as llama.cpp keeps them: the compiled SPM merges compare them
+        self.scores: np.ndarray = np.zeros(n, np.float32) if scores is None else np.asarray(scores, np.float32)[:n]
 
         # defaults that depend on the tokenizer model, before metadata overrides them
         self.pre: PreTokenizer | None = None
@@ -263,7 +271,7 @@ class Vocab:
         ):
             if ids[name] is None:
                 for text in texts:
-                    tid = t2i.get(text)
+                    tid = token_id(text)
                     if tid is not None:
                         ids[name] = tid
                         set_attr(tid, attrs[tid] | _CONTROL)
@@ -276,13 +284,13 @@ class Vocab:
 
         eog: set[int] = {t for t in (ids["fim_pad"], ids["fim_rep"], ids["fim_sep"]) if t is not None}
         for text in _EOG_TEXTS:
-            tid = t2i.get(text)
+            tid = token_id(text)
             if tid is not None:
                 eog.add(tid)
                 set_attr(tid, attrs[tid] | _CONTROL)
         # gpt-oss: these render even without special=True
         for text in ("<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"):
-            tid = t2i.get(text)
+            tid = token_id(text)
             if tid is not None:
                 set_attr(tid, _USER_DEFINED)
         for name in ("eos", "eot", "eom"):
@@ -312,7 +320,7 @@ class Vocab:
             for tid in cand:
                 set_attr(tid, attrs[tid] | _RSTRIP)
             for text, on in (("</s>", True), ("<unk>", False), ("<s>", False), ("<|endoftext|>", False)):
-                tid = t2i.get(text)
+                tid = token_id(text)
                 if tid is not None:
                     set_attr(tid, attrs[tid] | _RSTRIP if on else attrs[tid] & ~_RSTRIP)
 
@@ -331,3 +339,18 @@ class Vocab:
         self.attrs: Sequence[int] = array("i", attrs)  # C ints: 1 MiB for gemma3, not a 2 MiB list
         self.ids = ids
         self.eog_ids: frozenset[int] = frozenset(eog)
+
+    def token_id(self, text: str) -> int | None:
+        """The id of the token spelled ``text`` (the last such id), None if there is none."""
+        if self._t2i is not None:
+            return self._t2i.get(text)
+        assert isinstance(self.tokens, StringArray)
+        tid = self.tokens.find(text)
+        return tid if tid >= 0 else None
+
+    @property
+    def token_to_id(self) -> dict[str, int]:
+        """text -> id as a dict (built on first use for SPM vocabularies, which look texts up compiled)."""
+        if self._t2i is None:
+            self._t2i = dict(zip(self.tokens, range(self.n_vocab), strict=True))
+        return self._t2i

@@ -1,0 +1,143 @@
+"""StringArray (a long GGUF string array kept as bytes) and the compiled SPM merges over it.
+
+The SPM merges are checked end to end against llama.cpp's own ids in ``test_tokenizer.py``
+(gemma3's fixtures); here a direct transcription of ``llm_tokenizer_spm_session`` checks the
+compiled heap on random vocabularies, ties, byte fallback and text that is not UTF-8.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lmap.errors import LmapError
+from lmap.string_array import StringArray
+from lmap.tokenizer import spm as spm_module
+from lmap.tokenizer.spm import SPMSession
+
+_TEXTS = st.lists(st.text(alphabet="ab\u2581\u00e9\0\udcff", max_size=5), min_size=1, max_size=40)
+
+
+@given(strings=_TEXTS, probes=st.lists(st.text(alphabet="ab\u2581\u00e9\0\udcff", max_size=5), max_size=10))
+@settings(max_examples=200, deadline=None)
+def test_find_is_a_dict_lookup(strings: list[str], probes: list[str]) -> None:
+    a = StringArray.from_strings(strings)
+    want = dict(zip(strings, range(len(strings)), strict=True))  # the last index of a repeated text
+    for text in strings + probes:
+        assert a.find(text) == want.get(text, -1)
+        assert (text in a) == (text in want)
+    assert a == strings and list(a) == strings and a.tolist() == strings
+    assert [a[i] for i in range(-len(strings), 0)] == strings
+    assert a[1:3] == strings[1:3]
+
+
+def test_items_round_trip_bytes_that_are_not_utf8() -> None:
+    a = StringArray.from_strings(["\udcff\udcfe", "x\0y", ""])
+    assert a.raw(0) == b"\xff\xfe" and a.raw(1) == b"x\0y" and a[2] == ""
+    assert a.tolist() == ["\udcff\udcfe", "x\0y", ""]  # a NUL inside: item by item
+    with pytest.raises(IndexError, match="string index 3 out of range for 3 strings"):
+        a[3]
+    assert a != ["\udcff\udcfe", "x\0y"] and a == StringArray.from_strings(a)
+    assert "3 strings" in repr(a) and a.nbytes > 0
+
+
+def _reference_spm(vocab: list[bytes], scores: list[float], text: bytes) -> list[int]:
+    """llama.cpp's llm_tokenizer_spm_session::tokenize, transcribed over bytes."""
+    t2i = dict(zip(vocab, range(len(vocab)), strict=True))
+    syms: list[bytes] = []
+    i = 0
+    while i < len(text):
+        ln = (1,) * 12 + (2, 2, 3, 4)
+        j = min(len(text), i + ln[text[i] >> 4])
+        syms.append(text[i:j])
+        i = j
+    n = len(syms)
+    nxt = [*range(1, n), -1]
+    prv = list(range(-1, n - 1))
+    heap: list[tuple[float, int, int, int]] = []
+
+    def add(left: int, right: int) -> None:
+        if left < 0 or right < 0:
+            return
+        t = t2i.get(syms[left] + syms[right])
+        if t is not None:
+            heapq.heappush(heap, (-scores[t], left, right, len(syms[left]) + len(syms[right])))
+
+    for k in range(1, n):
+        add(k - 1, k)
+    while heap:
+        _, left, right, size = heapq.heappop(heap)
+        if not syms[left] or not syms[right] or len(syms[left]) + len(syms[right]) != size:
+            continue
+        syms[left], syms[right] = syms[left] + syms[right], b""
+        nxt[left] = nxt[right]
+        if nxt[right] >= 0:
+            prv[nxt[right]] = left
+        add(prv[left], left)
+        add(left, nxt[left])
+    out: list[int] = []
+    k = 0 if n else -1
+    while k != -1:
+        t = t2i.get(syms[k])
+        if t is not None:
+            out.append(t)
+        else:
+            for b in syms[k]:
+                byte = t2i.get(f"<0x{b:02X}>".encode(), t2i.get(bytes((b,))))
+                if byte is None:
+                    raise LmapError(f"no token for byte 0x{b:02X}")
+                out.append(byte)
+        k = nxt[k]
+    return out
+
+
+_PIECES = ("a", "b", "\u2581", "\u00e9", "\u2581a", "ab", "ba", "\u2581\u2581", "a\u2581", "\u00e9b", "abab")
+
+
+@given(
+    pieces=st.lists(st.sampled_from(_PIECES), min_size=1, max_size=12),
+    score_seed=st.integers(0, 2**32 - 1),
+    text=st.lists(
+        st.sampled_from([b"a", b"b", b"ab", "\u2581".encode(), "\u00e9".encode(), b"\xff", b"\xe2"]),
+        max_size=40,
+    ),
+)
+@settings(max_examples=300, deadline=None)
+def test_compiled_merges_follow_llama_cpp(pieces: list[str], score_seed: int, text: list[bytes]) -> None:
+    # byte tokens for every byte, single characters, then the sampled pieces (repeats included)
+    vocab = [f"<0x{b:02X}>" for b in range(256)] + ["a", "b", "\u2581", "\u00e9"] + pieces
+    rng = np.random.default_rng(score_seed)
+    scores = rng.integers(0, 2, len(vocab)).astype(np.float32)  # two values: many ties
+    data = b"".join(text)
+    want = _reference_spm([v.encode() for v in vocab], scores.tolist(), data)
+    got: list[int] = []
+    SPMSession(StringArray.from_strings(vocab), scores).tokenize(data, got)
+    assert got == want
+
+
+def test_missing_byte_token_is_named() -> None:
+    session = SPMSession(StringArray.from_strings(["a", "<0x62>"]), np.zeros(2, np.float32))
+    out: list[int] = []
+    session.tokenize(b"ab", out)
+    assert out == [0, 1]
+    with pytest.raises(LmapError, match="no token for byte 0x63"):
+        session.tokenize(b"c", out)
+
+
+def test_long_text_is_cut_where_no_merge_crosses(monkeypatch: pytest.MonkeyPatch) -> None:
+    vocab = [f"<0x{b:02X}>" for b in range(256)] + ["a", "b", "\u2581", "\u2581a", "b\u2581", "ab\u2581a", "ba"]
+    scores = np.arange(len(vocab), dtype=np.float32)
+    rng = np.random.default_rng(7)
+    text = b"".join(rng.choice([b"a", b"b", "\u2581".encode(), b"ba"], 3000).tolist())
+    whole: list[int] = []
+    SPMSession(StringArray.from_strings(vocab), scores).tokenize(text, whole)
+    monkeypatch.setattr(spm_module, "CHUNK", 64)
+    session = SPMSession(StringArray.from_strings(vocab), scores)
+    assert len(session._chunks(text)) > 10  # really cut
+    cut: list[int] = []
+    session.tokenize(text, cut)
+    assert cut == whole == _reference_spm([v.encode() for v in vocab], scores.tolist(), text)
