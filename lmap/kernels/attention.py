@@ -30,7 +30,7 @@ from .half import float_to_half, half_to_float
 from .ops import _f32
 from .vexp import LOWEST, masked_exp_sum, masked_max
 
-SCORES_BYTES = 8 << 20  # score scratch per block of queries
+SCORES_BYTES = 2 << 20  # score scratch per block of queries (8 MiB measured no faster on 1.5k-token prompts)
 # Queries per block at most: smaller blocks skip more of the causal triangle (cells past a
 # block's last position are left out of its products) at the cost of more calls.
 MAX_BLOCK = 128
