@@ -44,18 +44,16 @@ MiB = 1 << 20
 RUNTIME_ANON = 42 * MiB
 RUNTIME_FILE = 70 * MiB
 
-# Tokenizer tables (measured RssAnon growth of parsing the GGUF metadata and building the
-# tokenizer; tests/test_plan.py). BPE: about 230 bytes per vocabulary entry (a Python str in the
-# token list and in the token -> id dict; score, type and attribute arrays; the GGUF's packed
-# StringArray) plus the merges (their strings and the text -> rank dict) and the regex engine
-# (2026-12-06: SmolLM2 21.1 MiB). SPM: the vocabulary stays packed (UTF-8 bytes, offsets, a hash
-# table, lmap.string_array), about 65 bytes per entry (gemma3 16.3 MiB, was 49.8 as Python
-# objects). Not planned: the Rust `tokenizers` engine (~22 MiB for SmolLM2), which lmap builds
-# only when it first tokenizes a text of bpe.LONG_TEXT characters (a long file).
-TOKENIZER_BYTES_PER_TOKEN = 230
-TOKENIZER_BYTES_PER_SPM_TOKEN = 65
-TOKENIZER_BYTES_PER_MERGE = 200
-TOKENIZER_BPE_BASE = 1 * MiB
+# Tokenizer tables (measured RssAnon growth of parsing the GGUF metadata, building the tokenizer
+# and its first encode; tests/test_plan.py). The vocabulary and the merges stay packed (UTF-8
+# bytes, offsets, hash tables: lmap.string_array) and the merges run compiled, so no Python
+# object is made per token: about 65 bytes per vocabulary entry (texts, offsets, table, score,
+# type and attribute arrays) and 32 per merge, plus the BPE regex engine (2026-12-06: gemma3
+# 16.3 MiB, was 49.8 as Python objects; SmolLM2 5.3, was 18.8). Not planned: the Rust
+# `tokenizers` engine (~22 MiB for SmolLM2), built only for Tokenizer(engine="hf").
+TOKENIZER_BYTES_PER_TOKEN = 65
+TOKENIZER_BYTES_PER_MERGE = 32
+TOKENIZER_BPE_BASE = MiB * 7 // 10
 
 
 @dataclass(frozen=True)
@@ -239,10 +237,8 @@ def llama_buffers(hp: HParams, n_ctx: int, n_batch: int, logits_all: bool) -> li
 
 def tokenizer_estimate(n_vocab: int, n_merges: int) -> int:
     """Anonymous bytes the tokenizer tables take (see TOKENIZER_* above; merges mean BPE)."""
-    if not n_merges:
-        return n_vocab * TOKENIZER_BYTES_PER_SPM_TOKEN
     nb = n_vocab * TOKENIZER_BYTES_PER_TOKEN + n_merges * TOKENIZER_BYTES_PER_MERGE
-    return nb + TOKENIZER_BPE_BASE
+    return nb + (TOKENIZER_BPE_BASE if n_merges else 0)
 
 
 def plan(

@@ -22,7 +22,7 @@ class StringArray(Sequence[str]):
     plus :meth:`find`, a hash lookup of a text's index. ``list(a)`` or :meth:`tolist` gives a list.
     """
 
-    __slots__ = ("data", "offsets", "_clean", "_table")
+    __slots__ = ("data", "offsets", "_clean", "_table", "_first_table")
 
     def __init__(self, data: np.ndarray, offsets: np.ndarray, *, clean: bool) -> None:
         #: uint8 [offsets[-1]]: the strings, each followed by a NUL but the last
@@ -31,6 +31,7 @@ class StringArray(Sequence[str]):
         self.offsets = offsets
         self._clean = clean  # no string holds a NUL: one decode and one split give them all
         self._table: np.ndarray | None = None
+        self._first_table: np.ndarray | None = None
 
     @classmethod
     def from_strings(cls, strings: Iterable[str]) -> StringArray:
@@ -75,15 +76,26 @@ class StringArray(Sequence[str]):
 
     @property
     def table(self) -> np.ndarray:
-        """int32 hash table of the strings' indices (see ``lmap.kernels.strings``), built on first use."""
+        """int32 hash table of the strings' indices, a repeated text at its last index (as a dict
+        built from the strings; see ``lmap.kernels.strings``), built on first use."""
         if self._table is None:
-            from .kernels.strings import fill_table
-
-            size = 1 << max(4, (2 * len(self) - 1).bit_length())  # at most half full
-            table = np.full(size, -1, dtype=np.int32)
-            fill_table(self.data, self.offsets, table)
-            self._table = table
+            self._table = self._build_table(first=False)
         return self._table
+
+    @property
+    def first_table(self) -> np.ndarray:
+        """:attr:`table` with a repeated text at its first index (llama.cpp's BPE merge ranks)."""
+        if self._first_table is None:
+            self._first_table = self._build_table(first=True)
+        return self._first_table
+
+    def _build_table(self, *, first: bool) -> np.ndarray:
+        from .kernels.strings import fill_table
+
+        size = 1 << max(4, (2 * len(self) - 1).bit_length())  # at most half full
+        table = np.full(size, -1, dtype=np.int32)
+        fill_table(self.data, self.offsets, table, first)
+        return table
 
     def find(self, text: str) -> int:
         """The index of ``text``, -1 when absent; a text held twice gives its last index, as a
@@ -99,7 +111,8 @@ class StringArray(Sequence[str]):
     @property
     def nbytes(self) -> int:
         """Bytes held: the strings, their offsets and the hash table once built."""
-        return self.data.nbytes + self.offsets.nbytes + (0 if self._table is None else self._table.nbytes)
+        tables = sum(t.nbytes for t in (self._table, self._first_table) if t is not None)
+        return self.data.nbytes + self.offsets.nbytes + tables
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, StringArray):

@@ -141,3 +141,19 @@ def test_long_text_is_cut_where_no_merge_crosses(monkeypatch: pytest.MonkeyPatch
     cut: list[int] = []
     session.tokenize(text, cut)
     assert cut == whole == _reference_spm([v.encode() for v in vocab], scores.tolist(), text)
+
+
+def _bpe(tokens: list[str], merges: list[str]) -> list[int]:
+    from lmap.tokenizer import Tokenizer
+
+    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": merges}
+    return Tokenizer.from_metadata(md, engine="python").encode("abcz", add_special=False)
+
+
+def test_bpe_merges_rank_a_repeated_merge_first_and_spell_unknown_symbols_by_bytes() -> None:
+    tokens = ["a", "b", "c", "ab", "bc", "z"]
+    # "b c" first: abc -> a + bc; were the repeat's rank (2) used, "a b" (1) would win: ab + c
+    assert _bpe(tokens, ["b c", "a b", "b c"]) == [0, 4, 5]
+    assert _bpe(tokens, ["a b", "b c"]) == [3, 2, 5]
+    # a merge whose result is not a token: its symbol is spelled by its bytes' tokens
+    assert _bpe(["a", "b", "c", "z"], ["a b"]) == [0, 1, 2, 3]

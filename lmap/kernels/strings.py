@@ -114,11 +114,48 @@ def find_string(data: np.ndarray, offsets: np.ndarray, table: np.ndarray, key: n
     return lookup(data, offsets, table, key, 0, key.shape[0])
 
 
+@njit(cache=True, nogil=True, inline="always")
+def lookup_pair(
+    data: np.ndarray, offsets: np.ndarray, table: np.ndarray, key: np.ndarray, s1: int, e1: int, s2: int, e2: int
+) -> int:  # pragma: no cover - compiled
+    """The index of the string ``key[s1:e1] + " " + key[s2:e2]`` (a BPE merge), -1 when absent."""
+    h = np.uint64(14695981039346656037)
+    prime = np.uint64(1099511628211)
+    for k in range(s1, e1):
+        h = (h ^ np.uint64(key[k])) * prime
+    h = (h ^ np.uint64(32)) * prime
+    for k in range(s2, e2):
+        h = (h ^ np.uint64(key[k])) * prime
+    mask = table.shape[0] - 1
+    slot = np.int64(h & np.uint64(mask))
+    n1 = e1 - s1
+    n = n1 + 1 + e2 - s2
+    while True:
+        i = table[slot]
+        if i < 0:
+            return -1
+        s = offsets[i]
+        if offsets[i + 1] - 1 - s == n and data[s + n1] == 32:
+            same = True
+            for k in range(n1):
+                if data[s + k] != key[s1 + k]:
+                    same = False
+                    break
+            if same:
+                for k in range(e2 - s2):
+                    if data[s + n1 + 1 + k] != key[s2 + k]:
+                        same = False
+                        break
+            if same:
+                return i
+        slot = (slot + 1) & mask
+
+
 @njit(cache=True, nogil=True)
-def fill_table(data: np.ndarray, offsets: np.ndarray, table: np.ndarray) -> None:  # pragma: no cover - compiled
-    """Index every string into ``table`` (all -1, a power of two longer than the strings); a text
+def fill_table(data: np.ndarray, offsets: np.ndarray, table: np.ndarray, first: bool) -> None:  # pragma: no cover
+    """Index every string into ``table`` (all -1, a power of two longer than the strings). A text
     that occurs twice maps to its last index, as ``dict(zip(strings, range(n)))`` (llama.cpp's
-    ``token_to_id``) does."""
+    ``token_to_id``), or with ``first`` to its first (llama.cpp's BPE merge ranks)."""
     mask = table.shape[0] - 1
     for i in range(offsets.shape[0] - 1):
         s = offsets[i]
@@ -126,7 +163,11 @@ def fill_table(data: np.ndarray, offsets: np.ndarray, table: np.ndarray) -> None
         slot = np.int64(_hash(data, s, e) & np.uint64(mask))
         while True:
             j = table[slot]
-            if j < 0 or _same(data, offsets, j, data, s, e):
+            if j < 0:
                 table[slot] = i
+                break
+            if _same(data, offsets, j, data, s, e):
+                if not first:
+                    table[slot] = i
                 break
             slot = (slot + 1) & mask

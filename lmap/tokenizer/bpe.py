@@ -2,29 +2,30 @@
 
 Two engines produce the same ids:
 
-* :class:`PyBackend` is llama.cpp's ``llm_tokenizer_bpe_session`` in Python: regex
-  split, byte-level encoding, merges lowest rank first (leftmost on ties).  It is
-  built in ~10 ms (a dict from merge text to rank), so it tokenizes the texts of
-  ordinary size: a prompt, a chat turn.  It also carries what ``tokenizers``
-  cannot: a vocabulary whose merges name tokens that are not in it (``tokenizers``
-  refuses to build), token texts that are not valid UTF-8, and input holding lone
-  surrogates (which Rust strings cannot carry).
-* :class:`HFBackend` hands the vocabulary, the merges and llama.cpp's pre-tokenizer
-  regexes to Hugging Face ``tokenizers`` (Rust).  It matched llama.cpp's ids on every
-  fixture string and on thousands of randomized strings (nine pre-tokenizer names),
-  its merge loop is llama.cpp's and ``ignore_merges`` means the same.  Measured on
-  SmolLM2 (49k tokens, 2 cores): 450-530k tokens/s on 100 kB of English or code,
-  against 320-420k tokens/s for the Python engine with its word cache, but 53 ms to
-  build (a tenth of the time to first token), so it is built when a long text first
-  needs it (:data:`LONG_TEXT`).
+* :class:`PyBackend` (``engine="python"``, the default) is llama.cpp's
+  ``llm_tokenizer_bpe_session``: regex split and byte-level encoding in Python, merges
+  lowest rank first (leftmost on ties) compiled (``lmap.kernels.bpe``).  Built in ~1 ms
+  over the packed vocabulary and merges.  Measured on SmolLM2 (2 cores, a fresh engine):
+  520-720k tokens/s on 100-170 kB of English or code.  It also carries what
+  ``tokenizers`` cannot: a vocabulary whose merges name tokens that are not in it
+  (``tokenizers`` refuses to build), token texts that are not valid UTF-8, and input
+  holding lone surrogates (which Rust strings cannot carry).
+* :class:`HFBackend` (``engine="hf"``) hands the vocabulary, the merges and llama.cpp's
+  pre-tokenizer regexes to Hugging Face ``tokenizers`` (Rust).  It matched llama.cpp's
+  ids on every fixture string and on thousands of randomized strings (nine
+  pre-tokenizer names); its merge loop is llama.cpp's and ``ignore_merges`` means the
+  same.  430-500k tokens/s on the same texts, 53 ms and ~22 MiB to build: kept as an
+  independent check of the default engine, and for users who want it.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 from ..errors import LmapError
+from ..string_array import StringArray
 from .pretokenize import BYTE_ENCODE_TABLE, BYTE_TO_UNICODE, PreTokenizer, onig_pattern, regex_module_pattern
 
 
@@ -72,21 +73,22 @@ class HFBackend:
 
 
 class PyBackend:
-    """llama.cpp's BPE session in Python: regex split, byte-level encoding, ranked merges."""
+    """llama.cpp's BPE session: regex split and byte-level encoding in Python, merges compiled.
 
-    def __init__(self, token_to_id: Mapping[str, int], merges: Sequence[str], pre: PreTokenizer) -> None:
+    Vocabulary and merges stay packed (:class:`~lmap.string_array.StringArray` with hash
+    tables), so building this engine makes no Python object per token or merge (SmolLM2: ~1 ms
+    and ~2 MiB, where a text -> rank dict took 14 ms and ~9 MiB).
+    """
+
+    def __init__(self, tokens: StringArray, merges: StringArray, pre: PreTokenizer) -> None:
         try:
             import regex
         except ImportError as e:  # pragma: no cover - a dependency of lmap's
             raise LmapError(
-                "this vocabulary needs lmap's pure-Python BPE, which needs the 'regex' package (pip install regex)"
+                "this vocabulary needs lmap's own BPE engine, which needs the 'regex' package (pip install regex)"
             ) from e
-        self._t2i = token_to_id
-        # Ranked by the merge's own text: llama.cpp splits "a b" at its first space after the
-        # first character, and the symbols of byte-level BPE never hold a raw space, so the pair
-        # (a, b) is merge "a b" exactly. No split needed (14 ms for SmolLM2's 48k merges); the
-        # first rank of a repeated merge wins, as in llama.cpp.
-        self._ranks: dict[str, int] = dict(zip(reversed(merges), range(len(merges) - 1, -1, -1), strict=True))
+        self._tokens = tokens
+        self._merges = merges
         self._ignore_merges = pre.ignore_merges
         self._splitters = [regex.compile(regex_module_pattern(p), regex.V1) for p in pre.regexes]
         self._cache: dict[str, tuple[int, ...]] = {}
@@ -112,68 +114,52 @@ class PyBackend:
 
     def tokenize(self, text: str, out: list[int]) -> None:
         """Append the ids of ``text`` (no special-token handling) to ``out``."""
+        words = self.split(text)
         cache = self._cache
-        for word in self.split(text):
+        new = [w for w in dict.fromkeys(words) if w not in cache]
+        fresh = self._merge_words(new) if new else {}
+        if len(cache) + len(fresh) <= 65536:
+            cache.update(fresh)
+        for word in words:
             ids = cache.get(word)
-            if ids is None:
-                encoded = word.encode("utf-8", "surrogatepass").decode("latin-1").translate(BYTE_ENCODE_TABLE)
-                ids = self._merge(encoded)
-                if len(cache) < 65536:
-                    cache[word] = ids
-            out.extend(ids)
+            out.extend(fresh[word] if ids is None else ids)
 
-    def _merge(self, word: str) -> tuple[int, ...]:
-        t2i = self._t2i
-        if self._ignore_merges and word in t2i:
-            return (t2i[word],)
-        ranks = self._ranks
-        syms = list(word)
-        n = len(syms)
-        nxt = list(range(1, n + 1))
-        nxt[-1] = -1
-        prv = list(range(-1, n - 1))
-        heap: list[tuple[int, int, int, str]] = []
-        for i in range(n - 1):
-            r = ranks.get(syms[i] + " " + syms[i + 1])
-            if r is not None:
-                heap.append((r, i, i + 1, syms[i] + syms[i + 1]))
-        heapq.heapify(heap)
-        while heap:
-            _, left, right, text = heapq.heappop(heap)
-            a, b = syms[left], syms[right]
-            if not a or not b or a + b != text:
-                continue  # one side was merged since this pair was queued
-            syms[left], syms[right] = text, ""
-            after = nxt[right]
-            nxt[left] = after
-            if after >= 0:
-                prv[after] = left
-            before = prv[left]
-            if before >= 0:
-                r = ranks.get(syms[before] + " " + text)
-                if r is not None:
-                    heapq.heappush(heap, (r, before, left, syms[before] + text))
-            if after >= 0:
-                r = ranks.get(text + " " + syms[after])
-                if r is not None:
-                    heapq.heappush(heap, (r, left, after, text + syms[after]))
-        ids: list[int] = []
-        for s in syms:
-            if not s:
-                continue
-            tid = t2i.get(s)
-            if tid is not None:
-                ids.append(tid)
-                continue
-            # llama.cpp looks each byte of the symbol's UTF-8 up on its own and drops misses
-            for byte in s.encode("utf-8"):
-                tid = t2i.get(bytes((byte,)).decode("utf-8", "surrogateescape"))
-                if tid is not None:
-                    ids.append(tid)
-        return tuple(ids)
+    def _merge_words(self, words: list[str]) -> dict[str, tuple[int, ...]]:
+        """Merge all ``words`` in one compiled call."""
+        from ..kernels.bpe import bpe_merge_words
 
-
-LONG_TEXT = 1 << 16  # characters: a text this long is tokenized by HFBackend, built then
+        encoded = [
+            w.encode("utf-8", "surrogatepass").decode("latin-1").translate(BYTE_ENCODE_TABLE).encode() for w in words
+        ]
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        m = max(int(lengths.max()), 1)
+        t, g = self._tokens, self._merges
+        ids = np.empty(int(offsets[-1]), dtype=np.int32)
+        counts = np.empty(len(words), dtype=np.int32)
+        bpe_merge_words(
+            np.frombuffer(b"".join(encoded), dtype=np.uint8),
+            offsets,
+            t.data,
+            t.offsets,
+            t.table,
+            g.data,
+            g.offsets,
+            g.first_table,
+            self._ignore_merges,
+            np.empty(13 * m, dtype=np.int64),
+            np.empty(3 * m, dtype=np.float64),
+            ids,
+            counts,
+        )
+        flat = ids.tolist()
+        out: dict[str, tuple[int, ...]] = {}
+        k = 0
+        for word, c in zip(words, counts.tolist(), strict=True):
+            out[word] = tuple(flat[k : k + c])
+            k += c
+        return out
 
 
 def check_engine(engine: str) -> None:

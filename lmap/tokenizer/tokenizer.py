@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import InvalidParameterError, LmapError, UnsupportedModelError
 from ..string_array import StringArray
-from .bpe import LONG_TEXT, HFBackend, PyBackend, check_engine, split_merges
+from .bpe import HFBackend, PyBackend, check_engine, split_merges
 from .pretokenize import BYTE_DECODE_TABLE, UNICODE_TO_BYTE
 from .specials import SpecialMatcher, partition
 from .spm import SPMSession
@@ -78,16 +78,15 @@ class Tokenizer:
         self._pieces: dict[int, bytes] = {}  # a dict, not a list: gemma3 has 262 144 ids
         check_engine(engine)
         self._engine = engine
-        self._merges: Sequence[str] = merges or []
-        self._hf: HFBackend | None = None  # "hf"; "auto" builds it for the first long text
-        self._hf_tried = False
+        self._merges = merges if isinstance(merges, StringArray) else StringArray.from_strings(merges or [])
+        self._hf: HFBackend | None = None  # "hf"
         self._py_bpe: PyBackend | None = None  # "python", "auto"; "hf" for what Rust cannot carry
         self._spm: SPMSession | None = None
         if vocab.is_spm:
-            assert isinstance(vocab.tokens, StringArray)
             self._spm = SPMSession(vocab.tokens, np.ascontiguousarray(vocab.scores))
         elif engine == "hf":
-            self._hf = self._build_hf(strict=True)
+            assert vocab.pre is not None
+            self._hf = HFBackend(vocab.token_to_id, split_merges(self._merges), vocab.pre)
         else:
             self._py_bpe = self._python_bpe()
 
@@ -95,17 +94,15 @@ class Tokenizer:
     def from_metadata(cls, md: Mapping[str, Any], *, engine: str = "auto") -> Tokenizer:
         """Build from GGUF metadata (``GGUFFile(path).metadata``).
 
-        ``engine`` picks the BPE implementation: ``"auto"`` (pure Python, and
-        Hugging Face ``tokenizers`` for texts of ``bpe.LONG_TEXT`` characters and
-        more where it can reproduce llama.cpp; both give the same ids), ``"hf"`` or
-        ``"python"``.  Raises ``UnsupportedModelError`` naming the key
-        and value for tokenizer models or pre-tokenizers lmap does not implement.
+        ``engine`` picks the BPE implementation: ``"auto"`` or ``"python"`` (lmap's
+        own: llama.cpp's merge loop, compiled) or ``"hf"`` (Hugging Face
+        ``tokenizers``); both give llama.cpp's ids (``lmap.tokenizer.bpe``).  Raises
+        ``UnsupportedModelError`` naming the key and value for tokenizer models or
+        pre-tokenizers lmap does not implement.
         """
         vocab = Vocab(md)
         merges = md.get("tokenizer.ggml.merges")
-        if isinstance(merges, StringArray):
-            merges = merges.tolist()  # one decode and one split; the merge ranks keep the strings
-        if not vocab.is_spm and not isinstance(merges, list):
+        if not vocab.is_spm and not isinstance(merges, list | StringArray):
             raise UnsupportedModelError("tokenizer.ggml.model = 'gpt2' needs tokenizer.ggml.merges, which is missing")
         return cls(vocab, merges, engine=engine)
 
@@ -261,26 +258,13 @@ class Tokenizer:
         self._bpe_tokenize(text, out)
 
     def _bpe_tokenize(self, text: str, out: list[int]) -> None:
-        if self._hf is None and self._engine == "auto" and len(text) >= LONG_TEXT and not self._hf_tried:
-            self._hf = self._build_hf(strict=False)
         (self._hf or self._python_bpe()).tokenize(text, out)
 
     def _python_bpe(self) -> PyBackend:
         if self._py_bpe is None:
             assert self._v.pre is not None
-            self._py_bpe = PyBackend(self._v.token_to_id, self._merges, self._v.pre)
+            self._py_bpe = PyBackend(self._v.tokens, self._merges, self._v.pre)
         return self._py_bpe
-
-    def _build_hf(self, *, strict: bool) -> HFBackend | None:
-        """Hugging Face's engine; None where it cannot follow llama.cpp (unless ``strict``: raise)."""
-        self._hf_tried = True
-        assert self._v.pre is not None
-        try:
-            return HFBackend(self._v.token_to_id, split_merges(self._merges), self._v.pre)
-        except Exception:
-            if strict:
-                raise
-            return None
 
     def _encode_spm(self, fragments: list[str | bytes | int], out: list[int]) -> None:
         assert self._spm is not None
@@ -362,12 +346,7 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         v = self._v
-        if self._spm is not None:
-            engine = "SPMSession"
-        elif self._engine == "auto":
-            engine = f"PyBackend, HFBackend from {LONG_TEXT} characters" + (" (built)" if self._hf else "")
-        else:
-            engine = "HFBackend" if self._engine == "hf" else "PyBackend"
+        engine = "SPMSession" if self._spm is not None else "HFBackend" if self._engine == "hf" else "PyBackend"
         return f"Tokenizer(model={v.model!r}, pre={v.pre_name!r}, n_vocab={v.n_vocab}, engine={engine})"
 
 
