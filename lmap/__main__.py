@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 from .errors import LmapError
 
@@ -37,6 +41,7 @@ def _numba_without_scipy() -> None:
     working folder: it is answered "absent" too unless such a file is there.
     """
     yaml = () if os.path.exists(".numba_config.yaml") else ("yaml",)
+    _numba_entry_points_lazily()
     with _absent("scipy", "cffi", *yaml):
         from numba.core.registry import cpu_target
 
@@ -49,6 +54,29 @@ def _numba_without_scipy() -> None:
             setup()
 
     ctx.refresh = refresh_without_scipy  # type: ignore[method-assign]
+
+
+class _LazyEntryPoints(importlib.abc.MetaPathFinder):
+    """Find ``numba.core.entrypoints`` as a module that runs its code on first use.
+
+    Its only import is ``importlib.metadata`` (with ``email``, ``zipfile``, ``csv``: 12-14 ms
+    here), for ``init_all()``, which Numba calls before a compile: lmap's cached kernels put it
+    off until they compile (``numba_cache``), so a warm start never needs it.
+    """
+
+    def find_spec(self, name: str, path: Any, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name != "numba.core.entrypoints":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = importlib.util.LazyLoader(spec.loader)
+        return spec
+
+
+def _numba_entry_points_lazily() -> None:
+    if "numba.core.entrypoints" not in sys.modules:
+        sys.meta_path.insert(0, _LazyEntryPoints())
 
 
 @contextlib.contextmanager

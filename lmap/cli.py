@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import logging
 import re
 import sys
@@ -349,7 +350,8 @@ def _print_memory_plan(args: argparse.Namespace, path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``lmap`` parser; given the command line, commands it does not name are placeholders."""
     p = argparse.ArgumentParser(prog="lmap", description="Run GGUF language models from a memory map.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -403,23 +405,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     i.set_defaults(func=cmd_info)
 
-    from .bench import add_bench_parser  # argparse only; NumPy and Numba load when `bench` runs
-
-    add_bench_parser(sub)
-    from .perplexity import add_perplexity_parser  # argparse only; NumPy and Numba load when it runs
-
-    add_perplexity_parser(sub)
-    from .quantize import add_quantize_parser  # argparse only; NumPy and Numba load when `quantize` runs
-
-    add_quantize_parser(sub)
-    from .server.command import add_serve_parser  # argparse only; FastAPI and the model load when it runs
-
-    add_serve_parser(sub)
+    # These commands' parsers live with their code (argparse only: NumPy, Numba, FastAPI load when
+    # the command runs). Importing those modules takes ~7 ms, so a command line that names another
+    # command gets a placeholder with the same name and help (tests/test_cli.py compares them).
+    wanted = _command_in(argv)
+    for name, (module, adder, help_) in _LAZY_COMMANDS.items():
+        if wanted is None or wanted == name:
+            getattr(importlib.import_module(module, __package__), adder)(sub)
+        else:
+            sub.add_parser(name, help=help_)
     return p
 
 
+_LAZY_COMMANDS = {
+    "bench": (
+        ".bench",
+        "add_bench_parser",
+        "llama-bench-style speed table: prompt (pp) and generation (tg) tok/s, GB/s of weights",
+    ),
+    "perplexity": (
+        ".perplexity",
+        "add_perplexity_parser",
+        "llama-perplexity's chunked perplexity (and KL divergence against a base model's saved log-probs)",
+    ),
+    "quantize": (
+        ".quantize",
+        "add_quantize_parser",
+        "convert a GGUF model's weights to another type (llama-quantize's presets and mixes)",
+    ),
+    "serve": (".server.command", "add_serve_parser", "OpenAI-compatible HTTP server with a chat page at /"),
+}
+
+
+def _command_in(argv: Sequence[str] | None) -> str | None:
+    """The subcommand a command line names (its first word that is not an option), None if none."""
+    for a in sys.argv[1:] if argv is None else argv:
+        if not a.startswith("-"):
+            return a
+        if a in ("-h", "--help"):
+            return None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     if args.func not in (cmd_run, cmd_chat):
         end_startup_gc()  # only run and chat turn it back on themselves, once the model is loaded
     logging.basicConfig(

@@ -171,6 +171,32 @@ def test_startup_leaves_scipy_importable() -> None:
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
+def test_numba_entry_points_load_only_when_a_compile_needs_them() -> None:
+    # numba.core.entrypoints imports importlib.metadata (12-14 ms) for init_all(), which only a
+    # compile calls: the CLI finds it as a lazy module, whose code runs on first use
+    code = (
+        "import sys, importlib.util, lmap.__main__ as m; before = 'importlib.metadata' in sys.modules; "
+        "m._numba_entry_points_lazily(); import numba; from numba.core import entrypoints as ep; "
+        "assert isinstance(ep, importlib.util._LazyModule); "
+        "assert before or 'importlib.metadata' not in sys.modules; "
+        "ep.init_all(); assert ep._already_initialized and 'importlib.metadata' in sys.modules; "
+        "from numba import njit; print(njit(lambda x: x + 1)(1))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "2", r.stderr
+
+
+def test_placeholder_commands_match_their_parsers() -> None:
+    # a command line naming `run` builds placeholders for the commands whose parsers live in other
+    # modules: `lmap --help` and `lmap run ...` must not tell them apart
+    from lmap.cli import _LAZY_COMMANDS, build_parser
+
+    full, lean = build_parser(["--help"]), build_parser(["run", "-p", "x"])
+    assert full.format_help() == lean.format_help()
+    for name in _LAZY_COMMANDS:
+        assert build_parser([name]).format_help() == full.format_help()
+
+
 def test_collector_back_on_after_startup(smollm2_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # `lmap` starts with the collector off (lmap.__main__); every command turns it back on
     import gc
