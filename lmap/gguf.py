@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import GGUFError, LmapError
 from .quants.formats import FORMATS, BlockFormat
-from .string_array import StringArray
+from .string_array import StringArray, offset_dtype
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -156,7 +156,7 @@ def _scan_string_array(c: _Cursor, n: int) -> StringArray | None:
     if end < 0:
         return None
     data = np.empty(nbytes, dtype=np.uint8)
-    offsets = np.empty(n + 1, dtype=np.int64)
+    offsets = np.empty(n + 1, dtype=offset_dtype(nbytes + 1))
     clean = gather_strings(buf, c.pos, n, data, offsets)
     c.pos = end
     return StringArray(data, offsets, clean=clean)

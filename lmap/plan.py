@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import arena
 from .kv_cache import row_bytes
 from .models.base import BATCH_ATTENTION, TEAM_ROWS, HParams, Scratch
 
@@ -188,14 +189,12 @@ def scratch_buffers(
         import numba
 
         n_threads = numba.config.NUMBA_NUM_THREADS
-    B, d, H, Hkv = n_batch, hp.n_embd, hp.n_head, hp.n_head_kv
-    hdk, hdv, ff, half = hp.head_dim_k, hp.head_dim_v, hp.n_ff, hp.n_rot // 2
-    max_cols = max(d, ff, H * hdv)
+    B, d, ff, half = n_batch, hp.n_embd, hp.n_ff, hp.n_rot // 2
+    max_cols = max(d, ff, hp.n_head * hp.head_dim_v)
     f4 = 4
     out = [
         Buffer("scratch", "x, xb, xb2", 3 * B * d * f4, detail=f"3 x [{B}, {d}] f32"),
-        Buffer("scratch", "q, k, v, att", B * (H * (hdk + hdv) + Hkv * (hdk + hdv)) * f4),
-        Buffer("scratch", "hb, hb2", 2 * B * ff * f4, detail=f"2 x [{B}, {ff}] f32"),
+        Buffer("scratch", "attention | FFN arena", _arena_bytes(hp, B, n_ctx), detail=_arena_detail(hp, B, n_ctx)),
         Buffer("scratch", "dequant tile", max(Scratch.tile_elements(hp), max_cols) * f4, detail="prefill weight tile")
         if tile
         else Buffer("scratch", "dequant tile", max_cols * f4, detail="one row: every prompt product is integer"),
@@ -214,14 +213,19 @@ def scratch_buffers(
             out.append(Buffer("scratch", "weight panels", nbytes, detail=f"[{n_threads} threads] int8 prompt GEMM"))
         rows = max(n_seq, min(B, TEAM_ROWS))
         out.append(Buffer("scratch", "decode activations (int8)", rows * (max_cols + 2 * nb32 * f4)))
-    if B >= BATCH_ATTENTION:
-        from .kernels.attention import SCORES_BYTES
-
-        group = H // Hkv
-        nb = Hkv * n_ctx * (hdk + hdv) * f4 + B * group * (hdk + hdv + 1) * f4  # + 1: the rows' 1 / sum
-        nb += max(SCORES_BYTES // 4, group * n_ctx) * f4
-        out.append(Buffer("scratch", "prefill attention", nb, detail="f32 K/V copy, Q/O blocks, scores"))
     return out
+
+
+def _arena_bytes(hp: HParams, n_batch: int, n_ctx: int) -> int:
+    attn, ffn = Scratch.arena_shapes(hp, n_batch, n_ctx)
+    return 4 * max(arena.floats(attn), arena.floats(ffn))
+
+
+def _arena_detail(hp: HParams, n_batch: int, n_ctx: int) -> str:
+    """Which side sizes the arena, and what the other would have added."""
+    attn, ffn = (4 * arena.floats(s) / MiB for s in Scratch.arena_shapes(hp, n_batch, n_ctx))
+    what = "q, k, v, att" + (" + prefill attention" if n_batch >= BATCH_ATTENTION else "")
+    return f"{what} {attn:.2f} | hb, hb2 {ffn:.2f} (shared)"
 
 
 def llama_buffers(hp: HParams, n_ctx: int, n_batch: int, logits_all: bool) -> list[Buffer]:
@@ -433,7 +437,8 @@ def map_in_background(mapped: np.ndarray) -> threading.Thread:
 
 
 def context_arrays(obj: object) -> list[np.ndarray]:
-    """Every NumPy array held by ``obj`` (a KVCache, Scratch or their parts), one level of objects deep."""
+    """Every NumPy array that owns its memory held by ``obj`` (a KVCache, Scratch or their parts),
+    one level of objects deep (views of an arena are left out: the arena is there)."""
     out: list[np.ndarray] = []
     for v in vars(obj).values():
         if isinstance(v, np.ndarray):
@@ -442,4 +447,4 @@ def context_arrays(obj: object) -> list[np.ndarray]:
             out += [a for a in v if isinstance(a, np.ndarray)]
         elif hasattr(v, "nbytes") and hasattr(v, "__dict__"):
             out += [a for a in vars(v).values() if isinstance(a, np.ndarray)]
-    return out
+    return [a for a in out if a.base is None]

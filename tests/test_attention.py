@@ -67,10 +67,13 @@ def run_batch(q, k, v, pos, cell_pos, n_cells, scale, window, softcap, n_ctx=Non
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_threads_share_blocks_with_the_same_result(threads: int) -> None:
+def test_threads_share_blocks_with_the_same_result(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks shared among threads, each on its own share of the scratch: the one-thread result."""
     from lmap.kernels import attention as A
     from lmap.threads import blas_single
+
+    # scores for 2 x 128 queries of 4 heads over 300 cells: a half share holds a full block
+    monkeypatch.setattr(A, "SCORES_BYTES", 2 << 20)
 
     rng = np.random.default_rng(threads)
     nh, nkv, hd, n = 8, 2, 64, 300

@@ -109,6 +109,21 @@ def test_map_in_background_maps_a_file(tmp_path: Path) -> None:
     m.close()
 
 
+def test_attention_and_ffn_share_one_arena() -> None:
+    # liveness: the attention's buffers are dead when the FFN's are written, so they share memory;
+    # the buffers of one side never overlap each other
+    from itertools import combinations
+
+    s = Scratch(_hp(), 64, 256, 1)
+    assert s.attn is not None
+    attn = [s.q, s.k, s.v, s.att, s.attn.k, s.attn.v, s.attn.q, s.attn.o, s.attn.inv, s.attn.s]
+    for side in (attn, [s.hb, s.hb2]):
+        assert not any(np.shares_memory(a, b) for a, b in combinations(side, 2))
+        assert all(a.base is not None and np.shares_memory(a, s.arena) for a in side)
+    assert np.shares_memory(s.hb, s.q)
+    assert s.arena.nbytes < sum(a.nbytes for a in attn + [s.hb, s.hb2])
+
+
 def test_context_arrays_leave_cell_maps_alone() -> None:
     hp = _hp()
     s = Scratch(hp, 16, 64, 1)

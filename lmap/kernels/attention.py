@@ -26,11 +26,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from numba import njit, prange
 
+from .. import arena
 from .half import float_to_half, half_to_float
 from .ops import _f32
 from .vexp import LOWEST, masked_exp_sum, masked_max
 
-SCORES_BYTES = 2 << 20  # score scratch per block of queries (8 MiB measured no faster on 1.5k-token prompts)
+SCORES_BYTES = 1 << 20  # score scratch per block of queries (2 and 8 MiB measured no faster on 1.5k-token prompts)
 # Queries per block at most: smaller blocks skip more of the causal triangle (cells past a
 # block's last position are left out of its products) at the cost of more calls.
 MAX_BLOCK = 128
@@ -43,16 +44,37 @@ class AttentionScratch:
     queries at once while the context is short, fewer blocks of them as it fills.
     """
 
-    def __init__(self, n_batch: int, n_ctx: int, n_head: int, n_head_kv: int, head_dim_k: int, head_dim_v: int) -> None:
+    def __init__(
+        self,
+        n_batch: int,
+        n_ctx: int,
+        n_head: int,
+        n_head_kv: int,
+        head_dim_k: int,
+        head_dim_v: int,
+        buf: np.ndarray | None = None,
+    ) -> None:
+        shapes = self.shapes(n_batch, n_ctx, n_head, n_head_kv, head_dim_k, head_dim_v)
+        # its own buffer, or a region of the scratch arena it shares with the FFN (lmap.arena)
+        self.buf = np.zeros(arena.floats(shapes), np.float32) if buf is None else None
+        self.k, self.v, self.q, self.o, self.inv, self.s = arena.carve(self.buf if buf is None else buf, shapes)
+
+    @staticmethod
+    def shapes(
+        n_batch: int, n_ctx: int, n_head: int, n_head_kv: int, head_dim_k: int, head_dim_v: int
+    ) -> list[tuple[int, ...]]:
+        """k, v (f32 copies of the cache) [Hkv, n_ctx, hd]; q, o [rows, hd]; inv [rows] (1 / softmax
+        sum per row); s, the scores, with at least one query's group of rows over the whole context."""
         group = n_head // n_head_kv
         rows = n_batch * group
-        self.k = np.zeros((n_head_kv, n_ctx, head_dim_k), np.float32)
-        self.v = np.zeros((n_head_kv, n_ctx, head_dim_v), np.float32)
-        self.q = np.zeros((rows, head_dim_k), np.float32)
-        self.o = np.zeros((rows, head_dim_v), np.float32)
-        self.inv = np.zeros(rows, np.float32)  # 1 / softmax sum per row
-        # at least one query's group of rows over the whole context
-        self.s = np.zeros(max(SCORES_BYTES // 4, group * n_ctx), np.float32)
+        return [
+            (n_head_kv, n_ctx, head_dim_k),
+            (n_head_kv, n_ctx, head_dim_v),
+            (rows, head_dim_k),
+            (rows, head_dim_v),
+            (rows,),
+            (max(SCORES_BYTES // 4, group * n_ctx),),
+        ]
 
     def block(self, n: int, n_cells: int, group: int, parts: int = 1) -> int:
         """Queries per block so that their scores over n_cells fit in a ``parts``-th of the buffers."""
@@ -61,7 +83,8 @@ class AttentionScratch:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.k, self.v, self.q, self.s, self.o, self.inv))
+        """Bytes of its own buffer (0 when it is a region of the scratch arena)."""
+        return self.buf.nbytes if self.buf is not None else 0
 
 
 @njit(cache=True, fastmath=True, parallel=True)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 import numba
 import numpy as np
 
+from .. import arena
 from ..errors import GGUFError, UnsupportedModelError
 from ..gguf import GGUFFile
 from ..kernels import ops
@@ -158,7 +159,8 @@ class Scratch:
     """Every activation buffer of a forward pass, allocated once for (n_batch, n_ctx).
 
     Shapes (B = n_batch): x, xb, xb2 [B, d]; q [B, H, hdk]; k [B, Hkv, hdk]; v [B, Hkv, hdv];
-    att [B, H, hdv]; hb, hb2 [B, ff]; tile [T, max_cols] for prefill dequantization; xq [B, max_cols];
+    att [B, H, hdv]; hb, hb2 [B, ff] (q to att and the prefill attention scratch share one arena
+    with hb and hb2: lmap.arena); tile [T, max_cols] for prefill dequantization; xq [B, max_cols];
     scores [threads, n_ctx] for attention; cos/sin [B, n_rot/2]; logits [B or 1, vocab]; spans [B, 2] and
     acts (n_seq activation rows) for batches with one row per sequence.
     """
@@ -190,12 +192,12 @@ class Scratch:
         self.x = np.zeros((B, d), np.float32)
         self.xb = np.zeros((B, d), np.float32)
         self.xb2 = np.zeros((B, d), np.float32)
-        self.q = np.zeros((B, H, hp.head_dim_k), np.float32)
-        self.k = np.zeros((B, Hkv, hp.head_dim_k), np.float32)
-        self.v = np.zeros((B, Hkv, hp.head_dim_v), np.float32)
-        self.att = np.zeros((B, H, hp.head_dim_v), np.float32)
-        self.hb = np.zeros((B, hp.n_ff), np.float32)
-        self.hb2 = np.zeros((B, hp.n_ff), np.float32)
+        # One arena for what attention uses and what the FFN uses: never live at the same time
+        # (the attention's last reader, the output projection, runs before the FFN's first writer)
+        attn, ffn = self.arena_shapes(hp, B, n_ctx)
+        self.arena = np.zeros(max(arena.floats(attn), arena.floats(ffn)), np.float32)
+        self.q, self.k, self.v, self.att, *attn_work = arena.carve(self.arena, attn)
+        self.hb, self.hb2 = arena.carve(self.arena, ffn)
         max_cols = max(d, hp.n_ff, H * hp.head_dim_v)
         # one row where no prompt product dequantizes weights (see needs_tile): a path that still
         # did would run, a row at a time, rather than fail
@@ -216,14 +218,28 @@ class Scratch:
         self.acts = RowActs(max(n_seq, min(B, TEAM_ROWS)), max_cols) if activations == "q8" else None
         self.logits = np.zeros((logits_rows, hp.n_vocab), np.float32)
         # prompt batches attend through BLAS products (kernels/attention.py); decode keeps ops.attention
-        self.attn = AttentionScratch(B, n_ctx, H, Hkv, hp.head_dim_k, hp.head_dim_v) if B >= BATCH_ATTENTION else None
+        self.attn = (
+            AttentionScratch(B, n_ctx, H, Hkv, hp.head_dim_k, hp.head_dim_v, buf=attn_work[0])
+            if B >= BATCH_ATTENTION
+            else None
+        )
         self.attn_threads = 1  # threads sharing a prompt batch's attention (set by Model.forward)
+
+    @staticmethod
+    def arena_shapes(hp: HParams, n_batch: int, n_ctx: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+        """Shapes carved from the arena: attention's (q, k, v, att and, for prompt batches, the
+        prefill attention scratch as one region) and the FFN's (hb, hb2)."""
+        B, H, Hkv, hdk, hdv = n_batch, hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v
+        attn = [(B, H, hdk), (B, Hkv, hdk), (B, Hkv, hdv), (B, H, hdv)]
+        if B >= BATCH_ATTENTION:
+            attn.append((arena.floats(AttentionScratch.shapes(B, n_ctx, H, Hkv, hdk, hdv)),))
+        return attn, [(B, hp.n_ff), (B, hp.n_ff)]
 
     @property
     def nbytes(self) -> int:
         extra = (self.xq.nbytes if self.xq is not None else 0) + (self.acts.nbytes if self.acts is not None else 0)
-        extra += self.attn.nbytes if self.attn is not None else 0
-        return extra + sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray))
+        # views of the arena are counted once, as the arena
+        return extra + sum(v.nbytes for v in vars(self).values() if isinstance(v, np.ndarray) and v.base is None)
 
 
 def needs_tile(layer_fids: list[int], output_fid: int, activations: str) -> bool:

@@ -327,7 +327,7 @@ class Vocab:
         ]
         specials.sort(key=lambda s: -len(s.bytes_))
         self.specials = specials
-        self.attrs: Sequence[int] = array("i", attrs)  # C ints: 1 MiB for gemma3, not a 2 MiB list
+        self.attrs: Sequence[int] = array("H", attrs)  # 10 bits in C shorts: 0.5 MiB for gemma3, not a 2 MiB list
         self.ids = ids
         self.eog_ids: frozenset[int] = frozenset(eog)
 
