@@ -222,7 +222,7 @@ def _arena_bytes(hp: HParams, n_batch: int, n_ctx: int) -> int:
 
 
 def _arena_detail(hp: HParams, n_batch: int, n_ctx: int) -> str:
-    """Which side sizes the arena, and what the other would have added."""
+    """Both sides' sizes: the arena is the larger."""
     attn, ffn = (4 * arena.floats(s) / MiB for s in Scratch.arena_shapes(hp, n_batch, n_ctx))
     what = "q, k, v, att" + (" + prefill attention" if n_batch >= BATCH_ATTENTION else "")
     return f"{what} {attn:.2f} | hb, hb2 {ffn:.2f} (shared)"

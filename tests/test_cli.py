@@ -167,8 +167,7 @@ def test_startup_leaves_scipy_importable() -> None:
         "assert 'scipy' not in sys.modules and 'numba.np.linalg' in sys.modules; "
         "import scipy.linalg.cython_blas; print('ok')"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    assert _python(code) == "ok"
 
 
 def test_numba_entry_points_load_only_when_a_compile_needs_them() -> None:
@@ -182,8 +181,14 @@ def test_numba_entry_points_load_only_when_a_compile_needs_them() -> None:
         "ep.init_all(); assert ep._already_initialized and 'importlib.metadata' in sys.modules; "
         "from numba import njit; print(njit(lambda x: x + 1)(1))"
     )
+    assert _python(code) == "2"
+
+
+def _python(code: str) -> str:
+    """Run ``python -c code`` in a fresh interpreter; its stdout, stripped (its stderr on failure)."""
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.strip() == "2", r.stderr
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
 
 
 def test_placeholder_commands_match_their_parsers() -> None:

@@ -16,7 +16,7 @@ import numpy as np
 from ..errors import LmapError
 from ..string_array import StringArray
 
-_SPACE = "\u2581".encode()
+SPACE = "\u2581".encode()  # U+2581, which SentencePiece writes for a space
 CHUNK = 1 << 16  # bytes of text per compiled call: its work arrays take ~130 bytes per text byte
 
 
@@ -85,7 +85,7 @@ class SPMSession:
             glue = self._glue = _glue_chars(self._texts)
         out: list[bytes] = []
         begin = 0
-        j = text.find(_SPACE, CHUNK)
+        j = text.find(SPACE, CHUNK)
         while j > 0:
             c = j - 1
             while c > begin and text[c] & 0xC0 == 0x80:
@@ -93,9 +93,9 @@ class SPMSession:
             if text[c:j] not in glue:
                 out.append(text[begin:j])
                 begin = j
-                j = text.find(_SPACE, j + CHUNK)
+                j = text.find(SPACE, j + CHUNK)
             else:
-                j = text.find(_SPACE, j + 1)
+                j = text.find(SPACE, j + 1)
         out.append(text[begin:])
         return out
 
@@ -103,14 +103,14 @@ class SPMSession:
 def _glue_chars(texts: StringArray) -> frozenset[bytes]:
     # Characters that directly precede a U+2581 inside some token (U+2581 itself always counts:
     # tokens hold runs of it).  Cutting before a U+2581 is safe after any other.
-    glue = {_SPACE}
+    glue = {SPACE}
     data = texts.data.tobytes()
-    j = data.find(_SPACE, 1)
+    j = data.find(SPACE, 1)
     while j > 0:
         c = j - 1
         while c > 0 and data[c] & 0xC0 == 0x80:
             c -= 1
         if data[c] != 0:  # not the NUL between two tokens: the U+2581 is inside a token
             glue.add(data[c:j])
-        j = data.find(_SPACE, j + 1)
+        j = data.find(SPACE, j + 1)
     return frozenset(glue)

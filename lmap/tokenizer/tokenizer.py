@@ -14,12 +14,11 @@ from ..string_array import StringArray
 from .bpe import HFBackend, PyBackend, check_engine, split_merges
 from .pretokenize import BYTE_DECODE_TABLE, UNICODE_TO_BYTE
 from .specials import SpecialMatcher, partition
-from .spm import SPMSession
+from .spm import SPACE, SPMSession
 from .vocab import TokenAttr, TokenType, Vocab
 
 _SPECIAL_ATTRS = int(TokenAttr.UNKNOWN | TokenAttr.CONTROL)  # ints: an IntFlag operation costs ~1.5 us
 _HEX_PREFIX = re.compile(r"[0-9A-Fa-f]+")
-_SPACE = "\u2581".encode()
 _TEXT_ATTRS = int(TokenAttr.UNKNOWN | TokenAttr.CONTROL | TokenAttr.USER_DEFINED)
 
 
@@ -278,7 +277,7 @@ class Tokenizer:
             data = frag.encode() if isinstance(frag, str) else frag  # str fragments hold no lone surrogates
             if prefix and is_prev_special:
                 data = b" " + data
-            self._spm.tokenize(data.replace(b" ", _SPACE), out)
+            self._spm.tokenize(data.replace(b" ", SPACE), out)
             is_prev_special = False
 
     # --- decoding ---------------------------------------------------------------
