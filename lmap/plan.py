@@ -193,8 +193,15 @@ def scratch_buffers(
     max_cols = max(d, ff, hp.n_head * hp.head_dim_v)
     f4 = 4
     out = [
-        Buffer("scratch", "x, xb, xb2", 3 * B * d * f4, detail=f"3 x [{B}, {d}] f32"),
-        Buffer("scratch", "attention | FFN arena", _arena_bytes(hp, B, n_ctx), detail=_arena_detail(hp, B, n_ctx)),
+        Buffer("scratch", "x, xb", 2 * B * d * f4, detail=f"2 x [{B}, {d}] f32")
+        if Scratch.xb2_in_arena(hp)
+        else Buffer("scratch", "x, xb, xb2", 3 * B * d * f4, detail=f"3 x [{B}, {d}] f32"),
+        Buffer(
+            "scratch",
+            "attention | FFN arena",
+            _arena_bytes(hp, B, n_ctx, n_threads),
+            detail=_arena_detail(hp, B, n_ctx, n_threads),
+        ),
         Buffer("scratch", "dequant tile", max(Scratch.tile_elements(hp), max_cols) * f4, detail="prefill weight tile")
         if tile
         else Buffer("scratch", "dequant tile", max_cols * f4, detail="one row: every prompt product is integer"),
@@ -216,16 +223,17 @@ def scratch_buffers(
     return out
 
 
-def _arena_bytes(hp: HParams, n_batch: int, n_ctx: int) -> int:
-    attn, ffn = Scratch.arena_shapes(hp, n_batch, n_ctx)
+def _arena_bytes(hp: HParams, n_batch: int, n_ctx: int, n_threads: int) -> int:
+    attn, ffn = Scratch.arena_shapes(hp, n_batch, n_ctx, n_threads)
     return 4 * max(arena.floats(attn), arena.floats(ffn))
 
 
-def _arena_detail(hp: HParams, n_batch: int, n_ctx: int) -> str:
+def _arena_detail(hp: HParams, n_batch: int, n_ctx: int, n_threads: int) -> str:
     """Both sides' sizes: the arena is the larger."""
-    attn, ffn = (4 * arena.floats(s) / MiB for s in Scratch.arena_shapes(hp, n_batch, n_ctx))
+    attn, ffn = (4 * arena.floats(s) / MiB for s in Scratch.arena_shapes(hp, n_batch, n_ctx, n_threads))
     what = "q, k, v, att" + (" + prefill attention" if n_batch >= BATCH_ATTENTION else "")
-    return f"{what} {attn:.2f} | hb, hb2 {ffn:.2f} (shared)"
+    xb2 = " + xb2 in both" if Scratch.xb2_in_arena(hp) else ""
+    return f"{what} {attn:.2f} | hb2, hb {ffn:.2f} (shared{xb2})"
 
 
 def llama_buffers(hp: HParams, n_ctx: int, n_batch: int, logits_all: bool) -> list[Buffer]:

@@ -62,12 +62,14 @@ def run_batch(q, k, v, pos, cell_pos, n_cells, scale, window, softcap, n_ctx=Non
     for a in (w.k, w.v, w.q, w.s, w.o, w.inv):
         a.fill(np.nan)  # nothing may read scratch it did not write
     out = np.full((n, nh, v.shape[2]), np.nan, np.float32)
-    attention_batch(q, k, v, pos, cell_pos, n_cells, scale, window, softcap, w, out, threads)
+    # a copy: with one KV head the queries are scaled in place
+    attention_batch(q.copy(), k, v, pos, cell_pos, n_cells, scale, window, softcap, w, out, threads)
     return out
 
 
+@pytest.mark.parametrize("nkv", [1, 2])
 @pytest.mark.parametrize("threads", [2, 3])
-def test_threads_share_blocks_with_the_same_result(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_threads_share_blocks_with_the_same_result(threads: int, nkv: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Blocks shared among threads, each on its own share of the scratch: the one-thread result."""
     from lmap.kernels import attention as A
     from lmap.threads import blas_single
@@ -76,7 +78,7 @@ def test_threads_share_blocks_with_the_same_result(threads: int, monkeypatch: py
     monkeypatch.setattr(A, "SCORES_BYTES", 2 << 20)
 
     rng = np.random.default_rng(threads)
-    nh, nkv, hd, n = 8, 2, 64, 300
+    nh, hd, n = 4 * nkv, 64, 300
     q = rng.standard_normal((n, nh, hd)).astype(np.float32)
     v = rng.standard_normal((n, nkv, hd)).astype(np.float16).view(np.uint16)
     k = rng.standard_normal((n, nkv, hd)).astype(np.float16).view(np.uint16)
@@ -91,6 +93,23 @@ def test_threads_share_blocks_with_the_same_result(threads: int, monkeypatch: py
     else:  # thirds hold smaller blocks: other BLAS shapes, float32 rounding apart
         np.testing.assert_allclose(many, one, rtol=0, atol=2e-6)
     np.testing.assert_allclose(one, reference(q, k, v, pos, cell_pos, n, 0.125, 0, 0.0), rtol=2e-3, atol=2e-4)
+
+
+def test_query_buffers_hold_one_block_per_thread_and_none_for_one_kv_head() -> None:
+    """With one KV head the queries and outputs are used where they lie; otherwise the gathered
+    rows take one block per thread, not the whole batch."""
+    from lmap.kernels.attention import MAX_BLOCK
+
+    one = AttentionScratch(512, 2048, 4, 1, 256, 256, threads=2)
+    assert one.q.size == 0 and one.o.size == 0 and one.in_place
+    gqa = AttentionScratch(512, 2048, 9, 3, 64, 64, threads=2)
+    assert gqa.q.shape == (2 * MAX_BLOCK * 3, 64) == gqa.o.shape and not gqa.in_place
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((20, 4, 16)).astype(np.float32)
+    k = rng.standard_normal((20, 1, 16)).astype(np.float32)
+    pos = np.arange(20, dtype=np.int32)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        attention_batch(q[:, ::-1], k, k, pos, pos, 20, 0.25, 0, 0.0, AttentionScratch(20, 20, 4, 1, 16, 16), q.copy())
 
 
 @pytest.mark.parametrize("half", [False, True])
@@ -117,14 +136,14 @@ def test_prompt_after_cached_prefix(half: bool, window: int) -> None:
     n=st.integers(1, 50),
     prefix=st.integers(0, 150),
     group=st.sampled_from([1, 3, 4]),
+    nkv=st.sampled_from([1, 2]),
     hd=st.sampled_from([8, 64, 72]),
     window=st.integers(0, 60),
     softcap=st.sampled_from([0.0, 30.0]),
     seed=st.integers(0, 1000),
 )
-def test_any_shape(n: int, prefix: int, group: int, hd: int, window: int, softcap: float, seed: int) -> None:
+def test_any_shape(n: int, prefix: int, group: int, nkv: int, hd: int, window: int, softcap: float, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    nkv = 2
     nh = nkv * group
     n_cells = prefix + n
     q = rng.standard_normal((n, nh, hd)).astype(np.float32)

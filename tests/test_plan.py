@@ -109,19 +109,29 @@ def test_map_in_background_maps_a_file(tmp_path: Path) -> None:
     m.close()
 
 
-def test_attention_and_ffn_share_one_arena() -> None:
+@pytest.mark.parametrize("n_head_kv", [1, 2])
+def test_attention_and_ffn_share_one_arena(n_head_kv: int) -> None:
     # liveness: the attention's buffers are dead when the FFN's are written, so they share memory;
-    # the buffers of one side never overlap each other
+    # the buffers of one side never overlap each other; xb2 (written after attention, and after the
+    # gated activation folds hb2 into hb) overlays q and hb2 and nothing else that is live with it
     from itertools import combinations
 
-    s = Scratch(_hp(), 64, 256, 1)
+    s = Scratch(_hp(n_head_kv=n_head_kv), 64, 256, 1)
     assert s.attn is not None
     attn = [s.q, s.k, s.v, s.att, s.attn.k, s.attn.v, s.attn.q, s.attn.o, s.attn.inv, s.attn.s]
+    attn = [a for a in attn if a.size]  # one KV head: no gathered q, o
+    assert len(attn) == (8 if n_head_kv == 1 else 10)
     for side in (attn, [s.hb, s.hb2]):
         assert not any(np.shares_memory(a, b) for a, b in combinations(side, 2))
         assert all(a.base is not None and np.shares_memory(a, s.arena) for a in side)
-    assert np.shares_memory(s.hb, s.q)
+    assert np.shares_memory(s.hb2, s.q)
     assert s.arena.nbytes < sum(a.nbytes for a in attn + [s.hb, s.hb2])
+    assert np.shares_memory(s.xb2, s.q) and np.shares_memory(s.xb2, s.hb2)
+    others = [a for a in attn if a is not s.q] + [s.hb, s.x, s.xb]
+    assert not any(np.shares_memory(s.xb2, a) for a in others)
+    # where it does not fit in both, it has its own buffer
+    wide = Scratch(_hp(n_ff=128), 64, 256, 1)
+    assert wide.xb2.base is None
 
 
 def test_context_arrays_leave_cell_maps_alone() -> None:

@@ -23,6 +23,7 @@ import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -42,6 +43,12 @@ class AttentionScratch:
 
     The score buffer holds [rows, n_cells] for however many rows fit: all of a batch's
     queries at once while the context is short, fewer blocks of them as it fills.
+
+    With one KV head (gemma3) a block's query rows [T * H, hd] are the model's q[t0:t1] as they
+    lie in memory and its output rows are att[t0:t1]: the queries are scaled in place and the
+    products write the output directly, so there is no q or o buffer (4 MiB for gemma3 at
+    n_batch 512). With several KV heads a block's rows are strided and are gathered into q, o,
+    sized for one block per thread rather than for the whole batch.
     """
 
     def __init__(
@@ -53,33 +60,45 @@ class AttentionScratch:
         head_dim_k: int,
         head_dim_v: int,
         buf: np.ndarray | None = None,
+        threads: int | None = None,
     ) -> None:
-        shapes = self.shapes(n_batch, n_ctx, n_head, n_head_kv, head_dim_k, head_dim_v)
+        shapes = self.shapes(n_batch, n_ctx, n_head, n_head_kv, head_dim_k, head_dim_v, threads)
         # its own buffer, or a region of the scratch arena it shares with the FFN (lmap.arena)
         self.buf = np.zeros(arena.floats(shapes), np.float32) if buf is None else None
         self.k, self.v, self.q, self.o, self.inv, self.s = arena.carve(self.buf if buf is None else buf, shapes)
+        self.in_place = n_head_kv == 1
 
     @staticmethod
     def shapes(
-        n_batch: int, n_ctx: int, n_head: int, n_head_kv: int, head_dim_k: int, head_dim_v: int
+        n_batch: int,
+        n_ctx: int,
+        n_head: int,
+        n_head_kv: int,
+        head_dim_k: int,
+        head_dim_v: int,
+        threads: int | None = None,
     ) -> list[tuple[int, ...]]:
-        """k, v (f32 copies of the cache) [Hkv, n_ctx, hd]; q, o [rows, hd]; inv [rows] (1 / softmax
-        sum per row); s, the scores, with at least one query's group of rows over the whole context."""
+        """k, v (f32 copies of the cache) [Hkv, n_ctx, hd]; q, o [rows, hd] (none with one KV head);
+        inv [n_batch * group] (1 / softmax sum per row); s, the scores, with at least one query's
+        group of rows over the whole context. ``threads``: how many may share a batch (default:
+        Numba's thread count)."""
         group = n_head // n_head_kv
-        rows = n_batch * group
+        threads = threads or numba.config.NUMBA_NUM_THREADS
+        rows = 0 if n_head_kv == 1 else min(n_batch, threads * MAX_BLOCK) * group
         return [
             (n_head_kv, n_ctx, head_dim_k),
             (n_head_kv, n_ctx, head_dim_v),
             (rows, head_dim_k),
             (rows, head_dim_v),
-            (rows,),
+            (n_batch * group,),
             (max(SCORES_BYTES // 4, group * n_ctx),),
         ]
 
     def block(self, n: int, n_cells: int, group: int, parts: int = 1) -> int:
         """Queries per block so that their scores over n_cells fit in a ``parts``-th of the buffers."""
-        s, rows = self.s.size // parts, self.q.shape[0] // parts
-        return max(1, min(n, MAX_BLOCK, s // (group * max(n_cells, 1)), rows // group))
+        s = self.s.size // parts
+        rows = (self.inv.size if self.in_place else self.q.shape[0]) // parts // group
+        return max(1, min(n, MAX_BLOCK, s // (group * max(n_cells, 1)), rows))
 
     @property
     def nbytes(self) -> int:
@@ -118,6 +137,8 @@ def _gather_q(
 ) -> None:
     """out[(t - t0) * group + g] = q[t, h0 + g] * scale, q first rounded to half when ``round16``.
 
+    ``out`` may be q[t0:t1] itself (one KV head: each element is read, then written in place).
+
     llama.cpp converts Q to the half-precision cache's type before Q·K (flash attention's
     ``q_to_vec_dot``); doing the same keeps prompt logits on its side of Q8 rounding
     boundaries more often (measured on the golden fixtures: 365/366 confident steps
@@ -136,7 +157,8 @@ def _gather_q(
 
 @njit(cache=True, fastmath=True, nogil=True)
 def _scatter_o(o: np.ndarray, inv: np.ndarray, t0: int, t1: int, h0: int, group: int, out: np.ndarray) -> None:
-    """out[t, h0 + g] = o[r] * inv[r]: the softmax's normalization, applied to the output rows."""
+    """out[t, h0 + g] = o[r] * inv[r]: the softmax's normalization, applied to the output rows
+    (``o`` may be out[t0:t1] itself, as for _gather_q)."""
     for t in range(t0, t1):
         for g in range(group):
             r = (t - t0) * group + g
@@ -221,7 +243,7 @@ def _visible_span(cell_pos: np.ndarray, n_cells: int, pmin: int, pmax: int, wind
 
 
 def attention_batch(
-    q: np.ndarray,  # [n, H, hd] float32
+    q: np.ndarray,  # [n, H, hd] float32 (overwritten: scaled in place when the scratch has no q buffer)
     k: np.ndarray,  # [C, Hkv, hd] cache (float32, uint16 half, or uint8 Q8_0 blocks [C, Hkv, hd / 32 * 34])
     v: np.ndarray,  # [C, Hkv, hdv]
     pos: np.ndarray,  # [n] int32
@@ -243,23 +265,27 @@ def attention_batch(
     n, nh, _ = q.shape
     nkv = k.shape[1]
     group = nh // nkv
+    in_place = w.in_place and nkv == 1
+    if in_place and not (q.flags.c_contiguous and out.flags.c_contiguous):
+        raise ValueError("attention_batch with one KV head works on q and out in place: both must be C-contiguous")
     kf, vf = w.k[:, :n_cells], w.v[:, :n_cells]
     # one float32 copy per layer: Q8_0 blocks are dequantized here, so the products below are the same
     (_cache_q8_to_f32 if k.dtype == np.uint8 else _cache_to_f32)(k, n_cells, w.k)
     (_cache_q8_to_f32 if v.dtype == np.uint8 else _cache_to_f32)(v, n_cells, w.v)
     # each thread's share of the scratch must hold at least one query's group of rows; the blocks
     # stay those of one thread where they fit in a share (then so do the results, bit for bit)
-    parts = max(1, min(threads, w.s.size // (group * max(n_cells, 1)), w.q.shape[0] // group))
+    row_parts = threads if in_place else w.q.shape[0] // group
+    parts = max(1, min(threads, w.s.size // (group * max(n_cells, 1)), row_parts, w.inv.size // group))
     block = w.block(n, n_cells, group)
     if parts > 1 and w.block(n, n_cells, group, parts) < block:
         block = w.block(n, n_cells, group, parts)
     items = [(t0, h) for t0 in range(0, n, block) for h in range(nkv)]
     parts = min(parts, len(items))
-    rows_cap, s_cap = w.q.shape[0] // parts, w.s.size // parts
+    rows_cap, s_cap, inv_cap = w.q.shape[0] // parts, w.s.size // parts, w.inv.size // parts
 
     def run(part: int, mine: list[tuple[int, int]]) -> None:
         qbuf, obuf = w.q[part * rows_cap : (part + 1) * rows_cap], w.o[part * rows_cap : (part + 1) * rows_cap]
-        ibuf = w.inv[part * rows_cap : (part + 1) * rows_cap]
+        ibuf = w.inv[part * inv_cap : (part + 1) * inv_cap]
         sbuf = w.s[part * s_cap : (part + 1) * s_cap]
         softmax = _masked_softmax if parts == 1 else _masked_softmax_serial
         for t0, h in mine:
@@ -268,7 +294,10 @@ def attention_batch(
             pb = pos[t0:t1]
             j0, j1 = _visible_span(cell_pos, n_cells, int(pb.min()), int(pb.max()), window)
             nc = j1 - j0
-            qg, o = qbuf[:rows], obuf[:rows]
+            if in_place:  # the block's rows (t, g) are q[t0:t1] and out[t0:t1] as laid out
+                qg, o = q[t0:t1].reshape(rows, -1), out[t0:t1].reshape(rows, -1)
+            else:
+                qg, o = qbuf[:rows], obuf[:rows]
             s = sbuf[: rows * nc].reshape(rows, nc)
             _gather_q(q, t0, t1, h * group, group, scale, k.dtype == np.uint16, qg)
             np.matmul(qg, kf[h, j0:j1].T, out=s)

@@ -160,9 +160,10 @@ class Scratch:
 
     Shapes (B = n_batch): x, xb, xb2 [B, d]; q [B, H, hdk]; k [B, Hkv, hdk]; v [B, Hkv, hdv];
     att [B, H, hdv]; hb, hb2 [B, ff] (q to att and the prefill attention scratch share one arena
-    with hb and hb2: lmap.arena); tile [T, max_cols] for prefill dequantization; xq [B, max_cols];
-    scores [threads, n_ctx] for attention; cos/sin [B, n_rot/2]; logits [B or 1, vocab]; spans [B, 2] and
-    acts (n_seq activation rows) for batches with one row per sequence.
+    with hb2 and hb, and xb2 overlays q and hb2 where it fits: lmap.arena); tile [T, max_cols]
+    for prefill dequantization; xq [B, max_cols]; scores [threads, n_ctx] for attention; cos/sin
+    [B, n_rot/2]; logits [B or 1, vocab]; spans [B, 2] and acts (n_seq activation rows) for
+    batches with one row per sequence.
     """
 
     TILE_ELEMENTS = 1 << 20  # 4 MiB of float32 rows at least: enough for BLAS to run at speed
@@ -191,13 +192,16 @@ class Scratch:
         d, H, Hkv = hp.n_embd, hp.n_head, hp.n_head_kv
         self.x = np.zeros((B, d), np.float32)
         self.xb = np.zeros((B, d), np.float32)
-        self.xb2 = np.zeros((B, d), np.float32)
         # One arena for what attention uses and what the FFN uses: never live at the same time
         # (the attention's last reader, the output projection, runs before the FFN's first writer)
         attn, ffn = self.arena_shapes(hp, B, n_ctx)
         self.arena = np.zeros(max(arena.floats(attn), arena.floats(ffn)), np.float32)
         self.q, self.k, self.v, self.att, *attn_work = arena.carve(self.arena, attn)
-        self.hb, self.hb2 = arena.carve(self.arena, ffn)
+        self.hb2, self.hb = arena.carve(self.arena, ffn)
+        # xb2, the output of the attention and FFN down projections, is written when q (attention
+        # done) and hb2 (folded into hb by the gated activation) are dead: where it fits, the two
+        # arena regions at offset 0 hold it
+        self.xb2 = self.arena[: B * d].reshape(B, d) if self.xb2_in_arena(hp) else np.zeros((B, d), np.float32)
         max_cols = max(d, hp.n_ff, H * hp.head_dim_v)
         # one row where no prompt product dequantizes weights (see needs_tile): a path that still
         # did would run, a row at a time, rather than fail
@@ -226,13 +230,20 @@ class Scratch:
         self.attn_threads = 1  # threads sharing a prompt batch's attention (set by Model.forward)
 
     @staticmethod
-    def arena_shapes(hp: HParams, n_batch: int, n_ctx: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+    def xb2_in_arena(hp: HParams) -> bool:
+        """Whether xb2 [B, d] fits in both q [B, H, hdk] and hb2 [B, ff] (it then shares their memory)."""
+        return hp.n_embd <= min(hp.n_head * hp.head_dim_k, hp.n_ff)
+
+    @staticmethod
+    def arena_shapes(
+        hp: HParams, n_batch: int, n_ctx: int, threads: int | None = None
+    ) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
         """Shapes carved from the arena: attention's (q, k, v, att and, for prompt batches, the
-        prefill attention scratch as one region) and the FFN's (hb, hb2)."""
+        prefill attention scratch as one region) and the FFN's (hb2, hb)."""
         B, H, Hkv, hdk, hdv = n_batch, hp.n_head, hp.n_head_kv, hp.head_dim_k, hp.head_dim_v
         attn = [(B, H, hdk), (B, Hkv, hdk), (B, Hkv, hdv), (B, H, hdv)]
         if B >= BATCH_ATTENTION:
-            attn.append((arena.floats(AttentionScratch.shapes(B, n_ctx, H, Hkv, hdk, hdv)),))
+            attn.append((arena.floats(AttentionScratch.shapes(B, n_ctx, H, Hkv, hdk, hdv, threads)),))
         return attn, [(B, hp.n_ff), (B, hp.n_ff)]
 
     @property
