@@ -212,7 +212,11 @@ def scratch_buffers(
     ]
     nb32 = max(max_cols // 32, 1)
     if activations == "q8":
-        out.append(Buffer("scratch", "quantized activations", B * max_cols * f4 + max_cols + 2 * nb32 * f4))
+        from .quants import ActScratch
+
+        floats = max(B * max_cols if tile else 0, ActScratch.int8_floats(B, max_cols), max_cols)
+        detail = "rounded floats or int8" if tile else "int8 only: every prompt product is integer"
+        out.append(Buffer("scratch", "quantized activations", floats * f4 + max_cols + 2 * nb32 * f4, detail=detail))
         from .quants import panels
 
         if panels.VNNI512:

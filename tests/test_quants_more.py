@@ -296,3 +296,26 @@ def test_q8_k_integer_matvec_matches_llama_cpp_arithmetic(fmt: str) -> None:
         y = np.zeros(rows, np.float32)
         m.matvec(xf[0], y)
         check_dot(y, ref, xr)
+
+
+@pytest.mark.parametrize("fmt", ["Q2_K", "Q3_K"])
+def test_float_products_run_in_chunks_when_activations_are_sized_for_int8(fmt: str) -> None:
+    """A model whose prompt products are all integer sizes ActScratch.f32 for int8 activations; a
+    float product that still comes (a format without the panel GEMM) rounds and multiplies its rows
+    in chunks of what fits, with the result of one pass over the whole batch."""
+    from lmap.kernels.multivec import matmul_rows
+
+    cols = FORMATS_BY_NAME[fmt].block_size
+    m, _ = make_matrix(fmt, 33, cols, seed=4)
+    x = np.random.default_rng(5).standard_normal((40, cols)).astype(np.float32)
+    full, small = ActScratch(40, cols), ActScratch(40, cols, float_rows=0)
+    assert small.f32.size < full.f32.size and 1 < small.float_rows(cols) < 40  # several chunks
+    tile = np.zeros(cols * 64, np.float32)
+    want, got = np.zeros((40, 33), np.float32), np.zeros((40, 33), np.float32)
+    m.matmul(x, want, tile, full)
+    m.matmul(x, got, tile, small)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)  # BLAS on fewer rows: its sums may regroup
+    rows_want, rows_got = np.zeros((40, 33), np.float32), np.zeros((40, 33), np.float32)
+    matmul_rows(m, x, rows_want, None, full)
+    matmul_rows(m, x, rows_got, None, small)
+    assert np.array_equal(rows_got, rows_want)  # the same mat-vec per row

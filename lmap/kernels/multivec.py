@@ -120,9 +120,14 @@ def matmul_rows(w: QMatrix, x: np.ndarray, out: np.ndarray, acts: RowActs | None
         matmuls([(w, out)], x, acts)
         return
     kern = w.k
-    if act is not None and kern.activation is not None:
-        xr = act.f32[: x.size].reshape(x.shape)
-        kern.activation(x, xr)
-        x = xr
-    for j in range(x.shape[0]):  # float weights or exact float activations: the float mat-vec, row by row
-        w.matvec(x[j], out[j])
+    if act is None or kern.activation is None:
+        for j in range(x.shape[0]):  # float weights or exact float activations: the float mat-vec, row by row
+            w.matvec(x[j], out[j])
+        return
+    step = act.float_rows(x.shape[1])
+    for r0 in range(0, x.shape[0], step):
+        xs = x[r0 : r0 + step]
+        xr = act.f32[: xs.size].reshape(xs.shape)
+        kern.activation(xs, xr)
+        for j in range(xs.shape[0]):
+            w.matvec(xr[j], out[r0 + j])

@@ -207,7 +207,7 @@ class Scratch:
         # did would run, a row at a time, rather than fail
         self.tile = np.zeros(max(self.tile_elements(hp), max_cols) if tile else max_cols, np.float32)
         # xq [B * max_cols]: activations rounded as llama.cpp rounds them; None = exact float32 products
-        self.xq = ActScratch(B, max_cols) if activations == "q8" else None
+        self.xq = ActScratch(B, max_cols, None if tile else 0) if activations == "q8" else None
         self.scores = np.zeros((numba.config.NUMBA_NUM_THREADS, n_ctx), np.float32)
         self.cos = np.zeros((B, hp.n_rot // 2), np.float32)
         self.sin = np.zeros((B, hp.n_rot // 2), np.float32)
@@ -338,7 +338,6 @@ class Model:
         for w, out in pairs:
             integer = w.fid >= 0 and s.xq.panels is not None
             by_kind.setdefault(panels.act_class(w.fid) if integer else w.k.activation, []).append((w, out))
-        xr = s.xq.f32[: x.size].reshape(x.shape)
         for kind, group in by_kind.items():
             if kind is None or len(group) == 1:
                 for w, out in group:
@@ -350,9 +349,13 @@ class Model:
                 for w, out in group:
                     w.matmul_q8(xq, dx, xs, out, s.xq)
             else:
-                kind(x, xr)  # type: ignore[operator]
-                for w, out in group:
-                    w.matmul(xr, out, s.tile, None)  # the same product w.matmul(x, ..., s.xq) makes
+                step = s.xq.float_rows(x.shape[1])  # the whole batch unless f32 was sized for int8 only
+                for r0 in range(0, x.shape[0], step):
+                    xs = x[r0 : r0 + step]
+                    xr = s.xq.f32[: xs.size].reshape(xs.shape)
+                    kind(xs, xr)  # type: ignore[operator]
+                    for w, out in group:
+                        w.matmul(xr, out[r0 : r0 + step], s.tile, None)  # as w.matmul(x, ..., s.xq)
 
     def attention(
         self,

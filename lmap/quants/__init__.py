@@ -30,12 +30,20 @@ __all__ = ["KERNELS", "ActScratch", "QMatrix", "BlockFormat", "FORMATS", "FORMAT
 class ActScratch:
     """Buffers for activations rounded or quantized the way llama.cpp does before a quantized product.
 
-    f32 [n_batch * max_cols] holds rounded floats for the BLAS path (prefill); q int8 [max_cols],
-    d and s float32 [max_cols / 32] hold one quantized vector for the integer decode path.
+    f32 holds rounded floats for the BLAS path (prefill) or, in the same memory, the int8
+    activations and scales of the integer panel GEMM (:meth:`int8`); q int8 [max_cols], d and s
+    float32 [max_cols / 32] hold one quantized vector for the integer decode path.
+
+    ``float_rows``: how many rows of rounded floats f32 must hold at once (default n_batch). A
+    model whose every prompt product is integer (``needs_tile`` false) passes 0: f32 is then
+    sized for the int8 activations (1.5 bytes per value at most instead of 4: gemma3 at n_batch
+    512 takes 1.5 MiB, not 4) and a float product that still comes (an F16 matrix met by a
+    caller outside the forward pass) runs its rows in chunks of what fits.
     """
 
-    def __init__(self, n_batch: int, max_cols: int) -> None:
-        self.f32 = np.zeros(n_batch * max_cols, np.float32)
+    def __init__(self, n_batch: int, max_cols: int, float_rows: int | None = None) -> None:
+        float_rows = n_batch if float_rows is None else float_rows
+        self.f32 = np.zeros(max(float_rows * max_cols, self.int8_floats(n_batch, max_cols), max_cols), np.float32)
         self.q = np.zeros(max_cols, np.int8)
         self.d = np.zeros(max(max_cols // 32, 1), np.float32)
         self.s = np.zeros(max(max_cols // 32, 1), np.float32)
@@ -46,6 +54,15 @@ class ActScratch:
             else None
         )
         self.counter = np.zeros(1, np.int64)
+
+    @staticmethod
+    def int8_floats(n: int, k: int) -> int:
+        """float32 elements :meth:`int8` needs for [n, k] activations in its smallest blocks (16)."""
+        return -(-(-(-n * k // 4) * 4 + 8 * n * (k // 16)) // 4)
+
+    def float_rows(self, k: int) -> int:
+        """Rows of k rounded floats f32 holds at once."""
+        return max(1, self.f32.size // k)
 
     @property
     def nbytes(self) -> int:
@@ -167,9 +184,16 @@ class QMatrix:
                 panels.quantize_rows(x, self.fid, xq, dx, xs)
                 self.matmul_q8(xq, dx, xs, out, act)
                 return
-            xr = act.f32[: x.size].reshape(x.shape)
-            self.k.activation(x, xr)
-            x = xr
+            step = act.float_rows(self.cols)
+            for r0 in range(0, x.shape[0], step):  # one chunk unless f32 was sized for int8 only
+                xs = x[r0 : r0 + step]
+                xr = act.f32[: xs.size].reshape(xs.shape)
+                self.k.activation(xs, xr)
+                self._float_matmul(xr, out[r0 : r0 + step], tile)
+            return
+        self._float_matmul(x, out, tile)
+
+    def _float_matmul(self, x: np.ndarray, out: np.ndarray, tile: np.ndarray) -> None:
         if x.shape[0] == 1:
             self.matvec(x[0], out[0])
             return
