@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from lmap.gguf import GGUFFile
-from lmap.kv_cache import KVCache
+from lmap.kv_cache import SWA_CHUNK, KVCache
 from lmap.models import Model, Scratch, load_model
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,16 @@ N_DECODE = 6
 class Engine:
     """A model with one cache of ``n_seq`` sequences and its scratch (what the server's worker holds)."""
 
-    def __init__(self, model: Model, n_seq: int, n_ctx: int, n_batch: int, window: int | None = None) -> None:
+    def __init__(
+        self,
+        model: Model,
+        n_seq: int,
+        n_ctx: int,
+        n_batch: int,
+        window: int | None = None,
+        swa_chunk: int = SWA_CHUNK,
+        activations: str = "q8",
+    ) -> None:
         hp = model.hp
         self.model = model
         self.kv = KVCache(
@@ -43,8 +52,9 @@ class Engine:
             window=hp.sliding_window if window is None else window,
             n_batch=n_batch,
             n_seq=n_seq,
+            swa_chunk=swa_chunk,
         )
-        self.s = Scratch(hp, n_batch, n_ctx, max(n_seq, 1), "q8", n_seq)
+        self.s = Scratch(hp, n_batch, n_ctx, max(n_seq, 1), activations, n_seq)
 
     def prefill(self, toks: list[int], start: int, seq: int) -> np.ndarray:
         """Evaluate ``toks`` at positions start.. of ``seq``, n_batch at a time; the last token's logits."""
@@ -71,18 +81,28 @@ def _prompts(n_vocab: int, lengths: list[int], seed: int = 0) -> list[list[int]]
     return [rng.integers(10, min(n_vocab, 20000), size=n).tolist() for n in lengths]
 
 
-def _alone(model: Model, prompt: list[int], follow: list[int], n_ctx: int, n_batch: int, window: int | None) -> list:
+def _alone(
+    model: Model,
+    prompt: list[int],
+    follow: list[int],
+    n_ctx: int,
+    n_batch: int,
+    window: int | None,
+    swa_chunk: int = SWA_CHUNK,
+) -> list:
     """Logits after the prompt, then after each token of ``follow``, in a one-sequence cache."""
-    e = Engine(model, 1, n_ctx, n_batch, window)
+    e = Engine(model, 1, n_ctx, n_batch, window, swa_chunk)
     out = [e.prefill(prompt, 0, 0)]
     for i, t in enumerate(follow):
         out.append(e.prefill([t], len(prompt) + i, 0))
     return out
 
 
-def _check_batched(model: Model, lengths: list[int], n_ctx: int, n_batch: int, window: int | None = None) -> None:
+def _check_batched(
+    model: Model, lengths: list[int], n_ctx: int, n_batch: int, window: int | None = None, swa_chunk: int = SWA_CHUNK
+) -> None:
     prompts = _prompts(model.hp.n_vocab, lengths)
-    e = Engine(model, N_SEQ, n_ctx, n_batch, window)
+    e = Engine(model, N_SEQ, n_ctx, n_batch, window, swa_chunk)
     # prefill in an order other than the sequence order, with a decode step of the others in between
     last = [np.empty(0)] * N_SEQ
     for s in (1, 0, 2):
@@ -101,7 +121,7 @@ def _check_batched(model: Model, lengths: list[int], n_ctx: int, n_batch: int, w
             rows[s].append(logits[j])
             n_done[s] += 1
     for s in range(N_SEQ):
-        ref = _alone(model, prompts[s], follow[s], n_ctx, n_batch, window)
+        ref = _alone(model, prompts[s], follow[s], n_ctx, n_batch, window, swa_chunk)
         assert len(ref) == len(rows[s])
         for i, (a, b) in enumerate(zip(rows[s], ref, strict=True)):
             assert np.array_equal(a, b), (
@@ -133,6 +153,31 @@ def test_batched_decode_equals_alone_gemma3_ring(gemma3: Model) -> None:
     # A small window makes the sliding-window layers rings (window + n_batch = 14 cells) that wrap during the
     # prompts and the decode steps; logits are not gemma's any more, but batched and alone must still agree.
     _check_batched(gemma3, [9, 22, 4], n_ctx=48, n_batch=6, window=8)
+
+
+def test_batched_decode_equals_alone_gemma3_chunked_ring(gemma3: Model) -> None:
+    # rings of window + chunk = 16 cells, smaller than a batch of 24: prompts are stored chunk by chunk
+    _check_batched(gemma3, [9, 40, 4], n_ctx=64, n_batch=24, window=8, swa_chunk=8)
+
+
+def test_chunked_ring_gives_the_logits_of_a_ring_that_holds_the_batch(gemma3: Model) -> None:
+    """A sliding-window ring of window + chunk cells, written and read chunk by chunk, against one of
+    window + n_batch cells that takes each batch whole (llama.cpp's sizing): the same attention,
+    so the same logits up to float32 regrouping, and the same greedy tokens. Exact float32 products:
+    with llama.cpp's int8 activations a regrouped sum that crosses a rounding boundary moves these
+    random-token logits by up to ~2 (as it does between batch sizes of the same cache)."""
+    n_ctx, n_batch, window = 128, 32, 8
+    (p,) = _prompts(gemma3.hp.n_vocab, [75], seed=3)
+    whole = Engine(gemma3, 1, n_ctx, n_batch, window, swa_chunk=n_batch, activations="f32")
+    chunked = Engine(gemma3, 1, n_ctx, n_batch, window, swa_chunk=8, activations="f32")
+    assert whole.kv.swa is not None and chunked.kv.swa is not None
+    assert (whole.kv.swa.n_cells, chunked.kv.swa.n_cells) == (40, 16)
+    a, b = whole.prefill(p, 0, 0), chunked.prefill(p, 0, 0)
+    for i in range(4):
+        np.testing.assert_allclose(b, a, rtol=0, atol=5e-3 * np.abs(a).max())
+        assert int(np.argmax(a)) == int(np.argmax(b))
+        t = int(np.argmax(a))
+        a, b = whole.prefill([t], len(p) + i, 0), chunked.prefill([t], len(p) + i, 0)
 
 
 @pytest.mark.parametrize("window", [None, 8])

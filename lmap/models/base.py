@@ -389,22 +389,43 @@ class Model:
             )
             return
         k, v, m = kv.region(il, int(seq or 0))
+        if m.n_chunks:  # a ring smaller than the batch: store and attend chunk by chunk (kv_cache.py)
+            for c in range(m.n_chunks):
+                c0, c1 = c * m.chunk, min((c + 1) * m.chunk, n)
+                store_k(s.k[c0:c1], k, cells[c0:c1])
+                store_v(s.v[c0:c1], v, cells[c0:c1])
+                self._attend(s, k, v, pos[c0:c1], m.chunk_pos[c], int(m.chunk_used[c]), sc, window, c0, c1)
+            return
         store_k(s.k[:n], k, cells)
         store_v(s.v[:n], v, cells)
+        self._attend(s, k, v, pos, m.cell_pos, m.n_used, sc, window, 0, n)
+
+    def _attend(
+        self,
+        s: Scratch,
+        k: np.ndarray,
+        v: np.ndarray,
+        pos: np.ndarray,
+        cell_pos: np.ndarray,
+        n_used: int,
+        sc: float,
+        window: int,
+        t0: int,
+        t1: int,
+    ) -> None:
+        """Queries s.q[t0:t1] (at positions ``pos``) over the cells: s.att[t0:t1]."""
+        hp, n = self.hp, t1 - t0
+        q, att = s.q[t0:t1], s.att[t0:t1]
         if n >= BATCH_ATTENTION and s.attn is not None:
-            attention_batch(
-                s.q[:n], k, v, pos, m.cell_pos, m.n_used, sc, window, hp.attn_softcap, s.attn, s.att[:n], s.attn_threads
-            )
-        elif n == 1 and m.n_used * hp.n_head >= self.team_attention_work:
+            attention_batch(q, k, v, pos, cell_pos, n_used, sc, window, hp.attn_softcap, s.attn, att, s.attn_threads)
+        elif n == 1 and n_used * hp.n_head >= self.team_attention_work:
             # one token over a long context: its heads shared by the team (the same _attend per
             # head, so the same bits as the serial kernel), instead of one thread while one spins
             span = s.spans[:1]
-            span[0, 0], span[0, 1] = 0, m.n_used
-            attention_spans(
-                s.q[:1], k, v, pos, m.cell_pos, span, sc, window, hp.attn_softcap, s.scores, s.att[:1], min_rows=1
-            )
+            span[0, 0], span[0, 1] = 0, n_used
+            attention_spans(q, k, v, pos, cell_pos, span, sc, window, hp.attn_softcap, s.scores, att, min_rows=1)
         else:
-            ops.attention(s.q[:n], k, v, pos, m.cell_pos, m.n_used, sc, window, hp.attn_softcap, s.scores, s.att[:n])
+            ops.attention(q, k, v, pos, cell_pos, n_used, sc, window, hp.attn_softcap, s.scores, att)
 
     def warm_up_layers(self) -> int:
         """How many leading layers hold every kind of layer this model has (weight formats and
