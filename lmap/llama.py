@@ -166,7 +166,9 @@ class Llama:
         self.input_ids = np.zeros(self._n_ctx, dtype=np.intc)
         # np.zeros maps untouched pages lazily, so n_ctx x n_vocab costs only the rows evaluated
         self.scores = np.zeros((self._n_ctx if logits_all else 1, hp.n_vocab), dtype=np.single)
-        self.last_logits = np.zeros(hp.n_vocab, dtype=np.single)
+        # one row of scratch logits (no logits_all): that row is the last token's logits, kept until
+        # the next evaluation writes it, so it serves as last_logits instead of a copy (1 MiB for gemma3)
+        self.last_logits = self._scratch.logits[0] if rows == 1 else np.zeros(hp.n_vocab, dtype=np.single)
         # logits after the last prompt evaluated by generate(), and how many tokens that prompt had
         self._prompt_logits = np.zeros(hp.n_vocab, dtype=np.single)
         self._prompt_logits_len = -1

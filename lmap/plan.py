@@ -248,7 +248,11 @@ def llama_buffers(hp: HParams, n_ctx: int, n_batch: int, logits_all: bool) -> li
     rows = n_ctx if logits_all else 1
     return [
         Buffer("logits", "scores", rows * v4, detail=f"[{rows}, {hp.n_vocab}] f32"),
-        Buffer("logits", "last + prompt logits", 2 * v4),
+        Buffer(
+            "logits",
+            "last + prompt logits" if logits_all else "prompt logits (last: the scratch row)",
+            (1 + logits_all) * v4,
+        ),
         Buffer("tokens", "input ids, batch ids/pos", n_ctx * 4 + 2 * n_batch * 4),
     ]
 

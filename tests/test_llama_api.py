@@ -58,6 +58,11 @@ def test_eval_and_scores_logits_all(smollm2_path: Path) -> None:
         llm.eval([t])
     np.testing.assert_allclose(llm._scores, scores, atol=2e-3)
     assert np.array_equal(llm.last_logits, llm.scores[len(ids) - 1])
+    # without logits_all the last logits are the scratch's one row, not a copy: the same values
+    one = Llama(str(smollm2_path), n_ctx=256, n_batch=4, verbose=False)
+    one.eval(ids)
+    assert np.shares_memory(one.last_logits, one._scratch.logits)
+    np.testing.assert_allclose(one.last_logits, llm.last_logits, atol=2e-3)
 
 
 def test_greedy_completion_dict(llm) -> None:  # type: ignore[no-untyped-def]
