@@ -146,28 +146,35 @@ class _Cursor:
 _SCAN_MIN = 1024  # strings in an array kept as a StringArray (a vocabulary, its merges)
 
 
-def _scan_string_array(c: _Cursor, n: int) -> StringArray | None:
-    """A string array kept as its bytes, gathered by two compiled passes; None if a string runs
-    past the end (the checked Python loop then names it)."""
-    from .kernels.strings import gather_strings, measure_strings
+def _scan_string_array(c: _Cursor, buf: np.ndarray, n: int) -> StringArray | None:
+    """A string array left where it is in ``buf`` (the file's bytes, read-only), indexed by one
+    compiled pass; None if a string runs past the end (the checked Python loop then names it)."""
+    from .kernels.strings import string_offsets
 
-    buf = np.frombuffer(c.buf, dtype=np.uint8)
-    nbytes, end = measure_strings(buf, c.pos, n)
+    pos = c.pos
+    dtype = offset_dtype(c.size - pos)
+    offsets = np.empty(n + 1, dtype=dtype)
+    end = string_offsets(buf, pos, n, offsets, np.iinfo(dtype).max)
+    if end == -2 - n:  # past 2 GiB of strings: int64 offsets
+        offsets = np.empty(n + 1, dtype=np.int64)
+        end = string_offsets(buf, pos, n, offsets, np.iinfo(np.int64).max)
     if end < 0:
         return None
-    data = np.empty(nbytes, dtype=np.uint8)
-    offsets = np.empty(n + 1, dtype=offset_dtype(nbytes + 1))
-    clean = gather_strings(buf, c.pos, n, data, offsets)
     c.pos = end
-    return StringArray(data, offsets, clean=clean)
+    return StringArray(buf[pos + 8 : end], offsets, gap=8)
 
 
 class GGUFFile:
     """A GGUF file mapped read-only. ``metadata`` is a dict; ``tensor(name)`` a zero-copy view.
 
-    Metadata values are Python scalars and strings, NumPy arrays for numeric arrays, lists for
-    short string arrays and a read-only :class:`~lmap.string_array.StringArray` (a
-    ``Sequence[str]``) for arrays of 1 024 strings and more, such as the vocabulary.
+    Metadata values are Python scalars and strings, read-only NumPy arrays for numeric arrays,
+    lists for short string arrays and a read-only :class:`~lmap.string_array.StringArray` (a
+    ``Sequence[str]``) for arrays of 1 024 strings and more, such as the vocabulary. Numeric
+    arrays (but bool ones) and long string arrays are views of the file's bytes, not copies:
+    they stay in the map as file-backed pages (gemma3's vocabulary: 2.5 MiB of texts, 2 MiB of
+    scores and types), and keep the map alive after :meth:`close` while they are referenced.
+    A numeric view may be unaligned (``flags.aligned`` false: GGUF packs metadata without
+    padding); NumPy and Numba read such arrays as any other.
 
     ``use_mmap=False`` reads the whole file into anonymous memory instead (same views,
     same results), for file systems where mapping is slow or to avoid page-ins later.
@@ -304,13 +311,13 @@ class GGUFFile:
                 itemsize = struct.calcsize(_SCALARS[etype][1])
                 if n * itemsize > c.size - c.pos:
                     raise c.fail(f"{key!r}: array of {n} {_SCALARS[etype][0]} runs past end of file", at)
-                arr = np.frombuffer(self._bytes, dtype=_NUMPY_DTYPES[etype], count=n, offset=c.pos).copy()
+                arr = self._view(c.pos, n * itemsize).view(_NUMPY_DTYPES[etype])
                 c.pos += n * itemsize
                 return arr.astype(bool) if etype == 7 else arr
             if etype == _STRING:
                 if n * 8 > c.size - c.pos:
                     raise c.fail(f"{key!r}: array of {n} strings runs past end of file", at)
-                return self._string_array(c, n, key)
+                return self._string_array(c, n, key, self._view(0, self.size))
             if etype == _ARRAY:
                 if n * 12 > c.size - c.pos:
                     raise c.fail(f"{key!r}: array of {n} arrays runs past end of file", at)
@@ -318,10 +325,16 @@ class GGUFFile:
             raise c.fail(f"{key!r}: unknown array element type {etype}", at)
         raise c.fail(f"metadata key {key!r}: unknown value type {vtype}", at)
 
+    def _view(self, start: int, nbytes: int) -> np.ndarray:
+        """A read-only view of the file's bytes (also without mmap, where the buffer itself is writable)."""
+        v = self._bytes[start : start + nbytes]
+        v.flags.writeable = False
+        return v
+
     @staticmethod
-    def _string_array(c: _Cursor, n: int, key: str) -> list[str] | StringArray:
+    def _string_array(c: _Cursor, n: int, key: str, buf: np.ndarray) -> list[str] | StringArray:
         if n >= _SCAN_MIN:
-            strings = _scan_string_array(c, n)
+            strings = _scan_string_array(c, buf, n)
             if strings is not None:
                 return strings
         # What the compiled scan leaves: short arrays, and any array with a string to report

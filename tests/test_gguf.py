@@ -31,8 +31,10 @@ from gguf.quants import quantize
 from gguf_builders import (
     ARRAY,
     BOOL,
+    F32,
     GGML_F32,
     GGML_Q8_0,
+    I32,
     STRING,
     U8,
     U32,
@@ -293,20 +295,62 @@ def test_long_string_arrays_read_as_the_checked_loop_reads_them(
     ]
 
 
-def test_compiled_string_scan_gathers_and_reports() -> None:
-    from lmap.kernels.strings import gather_strings, measure_strings
+def test_compiled_string_scan_indexes_in_place_and_reports() -> None:
+    from lmap.kernels.strings import pack_strings, string_offsets
 
     records = b"".join(struct.pack("<Q", len(x)) + x for x in (b"ab", b"", b"\xc3\xa9"))
     buf = np.frombuffer(b"xx" + records, np.uint8)
-    nbytes, end = measure_strings(buf, 2, 3)
-    assert (nbytes, end) == (6, len(buf))
-    out, offsets = np.empty(nbytes, np.uint8), np.empty(4, np.int64)
-    assert gather_strings(buf, 2, 3, out, offsets) and out.tobytes() == b"ab\0\0\xc3\xa9"
-    assert offsets.tolist() == [0, 3, 4, 7]
-    assert measure_strings(buf[:-1], 2, 3)[1] == -3  # the third string runs past the end
-    assert measure_strings(buf[:12], 2, 3)[1] == -2  # the second's length prefix is cut
+    offsets = np.empty(4, np.int32)
+    assert string_offsets(buf, 2, 3, offsets, 2**31 - 1) == len(buf)
+    assert offsets.tolist() == [0, 10, 18, 28]  # record offsets from pos: string i at data[o[i] : o[i + 1] - 8]
+    a = StringArray(buf[10:], offsets, gap=8)
+    assert [a.raw(i) for i in range(3)] == [b"ab", b"", b"\xc3\xa9"] and a.tolist() == ["ab", "", "é"]
+    out = np.empty(6, np.uint8)
+    assert pack_strings(a.data, offsets, 8, out) and out.tobytes() == b"ab\0\0\xc3\xa9"
+    assert string_offsets(buf[:-1], 2, 3, offsets, 2**31 - 1) == -3  # the third string runs past the end
+    assert string_offsets(buf[:12], 2, 3, offsets, 2**31 - 1) == -2  # the second's length prefix is cut
+    assert string_offsets(buf, 2, 3, offsets, 17) == -2 - 3  # an offset past what the dtype holds
     holds_nul = np.frombuffer(struct.pack("<Q", 1) + b"\0", np.uint8)
-    assert not gather_strings(holds_nul, 0, 1, np.empty(1, np.uint8), np.empty(2, np.int64))
+    assert not pack_strings(holds_nul[8:], np.array([0, 9]), 8, np.empty(1, np.uint8))
+
+
+def test_offsets_past_the_int32_limit_become_int64(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmap.gguf as gguf_module
+
+    items = [f"tok{i:030d}" for i in range(1500)]  # 62 kB of records
+    path = build([kv("v.tokens", ARRAY, array(STRING, items))]).write(tmp_path / "s.gguf")
+    assert GGUFFile(path).metadata["v.tokens"].offsets.dtype == np.int32
+    monkeypatch.setattr(gguf_module, "offset_dtype", lambda end: np.int16)  # which cannot hold them
+    strings = GGUFFile(path).metadata["v.tokens"]
+    assert strings.offsets.dtype == np.int64 and strings == items
+
+
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_long_string_and_numeric_arrays_are_views_of_the_file(tmp_path: Path, use_mmap: bool) -> None:
+    items = [f"t{i}" for i in range(1100)]
+    kvs = [
+        kv("v.tokens", ARRAY, array(STRING, items)),
+        kv("v.f32", ARRAY, array(F32, [0.5 * i for i in range(1100)])),  # unaligned: after odd-length strings
+        kv("v.i32", ARRAY, array(I32, list(range(-5, 1095)))),
+        kv("v.u8", ARRAY, array(U8, [1, 2, 3])),
+        kv("v.bool", ARRAY, array(BOOL, [True, False, True])),
+    ]
+    g = GGUFFile(build(kvs).write(tmp_path / "v.gguf"), use_mmap=use_mmap)
+    md = g.metadata
+    tokens = md["v.tokens"]
+    assert isinstance(tokens, StringArray) and tokens.gap == 8 and tokens == items
+    assert np.shares_memory(tokens.data, g.data) and not tokens.data.flags.writeable
+    assert tokens.nbytes < tokens.data.nbytes + tokens.offsets.nbytes + 1  # no table until a lookup wants one
+    for key, want in (("v.f32", np.arange(1100) * 0.5), ("v.i32", np.arange(-5, 1095)), ("v.u8", [1, 2, 3])):
+        arr = md[key]
+        assert np.shares_memory(arr, g.data), key  # a view, not a copy ...
+        assert not arr.flags.writeable, key  # ... that nobody can write through (not even without mmap)
+        np.testing.assert_array_equal(arr, want)
+    assert not md["v.f32"].flags.aligned and md["v.i32"].flags.aligned  # GGUF does not pad metadata
+    assert md["v.bool"].dtype == np.bool_ and md["v.bool"].tolist() == [True, False, True]
+    assert not np.shares_memory(md["v.bool"], g.data)  # bool: a copy (the file's bytes need not be 0/1)
+    with pytest.raises(ValueError, match="read-only"):
+        md["v.i32"][0] = 1
 
 
 def test_a_long_string_array_is_a_string_array(tmp_path: Path) -> None:

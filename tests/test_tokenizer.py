@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -329,6 +330,19 @@ def test_load_builds_no_hugging_face_engine(smollm2_md: dict[str, Any]) -> None:
     assert tok._hf is None and tok._py_bpe is not None
     tok.encode("a prompt of ordinary length " * 5000)
     assert tok._hf is None
+
+
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_vocabulary_stays_in_the_file(gemma3_path: Path, smollm2_path: Path, use_mmap: bool) -> None:
+    # texts, scores and types are read where the file has them: file-backed pages under mmap, no copies
+    g = GGUFFile(gemma3_path, use_mmap=use_mmap)
+    v = Tokenizer.from_metadata(g.metadata)._v
+    for arr in (v.tokens.data, v.scores, v.types):
+        assert np.shares_memory(arr, g.data) and not arr.flags.writeable
+    assert v.tokens.gap == 8 and v.tokens is g.metadata["tokenizer.ggml.tokens"]
+    s = GGUFFile(smollm2_path, use_mmap=use_mmap)
+    bpe = Tokenizer.from_metadata(s.metadata)
+    assert np.shares_memory(bpe._v.tokens.data, s.data) and np.shares_memory(bpe._merges.data, s.data)
 
 
 # --- Hugging Face transformers, loaded from the same GGUF -------------------------------

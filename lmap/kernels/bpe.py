@@ -22,9 +22,11 @@ def bpe_merge_words(
     word_offsets: np.ndarray,
     vocab_data: np.ndarray,
     vocab_offsets: np.ndarray,
+    vocab_gap: int,
     vocab_table: np.ndarray,
     merge_data: np.ndarray,
     merge_offsets: np.ndarray,
+    merge_gap: int,
     merge_table: np.ndarray,
     ignore_merges: bool,
     work: np.ndarray,
@@ -35,9 +37,10 @@ def bpe_merge_words(
     """Write the ids of every word (``words[word_offsets[w] : word_offsets[w + 1]]``) to ``out``
     (int32, one per byte at most) and their number to ``counts[w]``; return the total.
 
-    ``work`` is int64 [13 m] and ``hs`` float64 [3 m] for m the longest word's bytes (see
-    :mod:`lmap.kernels.merges`).  A symbol that is not a token is spelled as the
-    tokens of its single bytes, skipping bytes that have none, as llama.cpp does.
+    Vocabulary and merges are each ``data``, ``offsets``, ``gap`` and a hash table of a
+    :class:`~lmap.string_array.StringArray`.  ``work`` is int64 [13 m] and ``hs`` float64 [3 m]
+    for m the longest word's bytes (see :mod:`lmap.kernels.merges`).  A symbol that is not a token
+    is spelled as the tokens of its single bytes, skipping bytes that have none, as llama.cpp does.
     """
     start, size, prv, nxt, hl, hr, hz = workspace(work, hs.shape[0] // 3)
     k = 0
@@ -46,7 +49,7 @@ def bpe_merge_words(
         we = word_offsets[w + 1]
         k0 = k
         if ignore_merges:
-            t = lookup(vocab_data, vocab_offsets, vocab_table, words, ws, we)
+            t = lookup(vocab_data, vocab_offsets, vocab_gap, vocab_table, words, ws, we)
             if t >= 0:
                 out[k] = t
                 k += 1
@@ -57,7 +60,15 @@ def bpe_merge_words(
         nh = 0
         for i in range(1, ns):
             r = lookup_pair(
-                merge_data, merge_offsets, merge_table, words, start[i - 1], start[i], start[i], start[i] + size[i]
+                merge_data,
+                merge_offsets,
+                merge_gap,
+                merge_table,
+                words,
+                start[i - 1],
+                start[i],
+                start[i],
+                start[i] + size[i],
             )
             if r >= 0:
                 nh = push(hs, hl, hr, hz, nh, -np.float64(r), i - 1, i, size[i - 1] + size[i])
@@ -72,12 +83,14 @@ def bpe_merge_words(
             le = ls + size[left]
             if before >= 0:
                 bs = start[before]
-                r = lookup_pair(merge_data, merge_offsets, merge_table, words, bs, bs + size[before], ls, le)
+                r = lookup_pair(merge_data, merge_offsets, merge_gap, merge_table, words, bs, bs + size[before], ls, le)
                 if r >= 0:
                     nh = push(hs, hl, hr, hz, nh, -np.float64(r), before, left, size[before] + size[left])
             if after >= 0:
                 as_ = start[after]
-                r = lookup_pair(merge_data, merge_offsets, merge_table, words, ls, le, as_, as_ + size[after])
+                r = lookup_pair(
+                    merge_data, merge_offsets, merge_gap, merge_table, words, ls, le, as_, as_ + size[after]
+                )
                 if r >= 0:
                     nh = push(hs, hl, hr, hz, nh, -np.float64(r), left, after, size[left] + size[after])
 
@@ -85,13 +98,13 @@ def bpe_merge_words(
         while i != -1:
             s = start[i]
             e = s + size[i]
-            t = lookup(vocab_data, vocab_offsets, vocab_table, words, s, e)
+            t = lookup(vocab_data, vocab_offsets, vocab_gap, vocab_table, words, s, e)
             if t >= 0:
                 out[k] = t
                 k += 1
             else:
                 for j in range(s, e):
-                    t = lookup(vocab_data, vocab_offsets, vocab_table, words, j, j + 1)
+                    t = lookup(vocab_data, vocab_offsets, vocab_gap, vocab_table, words, j, j + 1)
                     if t >= 0:
                         out[k] = t
                         k += 1

@@ -19,6 +19,7 @@ def spm_tokenize(
     text: np.ndarray,
     data: np.ndarray,
     offsets: np.ndarray,
+    gap: int,
     table: np.ndarray,
     scores: np.ndarray,
     byte_ids: np.ndarray,
@@ -28,8 +29,10 @@ def spm_tokenize(
 ) -> int:  # pragma: no cover - compiled
     """Write the ids of ``text`` (uint8 [m], spaces already U+2581) to ``out`` (int32 [m]).
 
-    Returns how many, or ``-1 - b`` when byte ``b`` needs a byte-fallback token the vocabulary
-    lacks.  ``work`` (int64 [13 m]) and ``hs`` (float64 [3 m]) as :mod:`lmap.kernels.merges` says.
+    The vocabulary is ``data``, ``offsets``, ``gap`` and ``table`` of a
+    :class:`~lmap.string_array.StringArray`.  Returns how many, or ``-1 - b`` when byte ``b``
+    needs a byte-fallback token the vocabulary lacks.  ``work`` (int64 [13 m]) and ``hs``
+    (float64 [3 m]) as :mod:`lmap.kernels.merges` says.
     """
     m = text.shape[0]
     start, size, prv, nxt, hl, hr, hz = workspace(work, m)
@@ -37,7 +40,7 @@ def spm_tokenize(
 
     nh = 0
     for i in range(1, ns):
-        t = lookup(data, offsets, table, text, start[i - 1], start[i] + size[i])
+        t = lookup(data, offsets, gap, table, text, start[i - 1], start[i] + size[i])
         if t >= 0:
             nh = push(hs, hl, hr, hz, nh, scores[t], i - 1, i, size[i - 1] + size[i])
 
@@ -48,11 +51,11 @@ def spm_tokenize(
         before = prv[left]
         after = nxt[left]
         if before >= 0:
-            t = lookup(data, offsets, table, text, start[before], start[left] + size[left])
+            t = lookup(data, offsets, gap, table, text, start[before], start[left] + size[left])
             if t >= 0:
                 nh = push(hs, hl, hr, hz, nh, scores[t], before, left, size[before] + size[left])
         if after >= 0:
-            t = lookup(data, offsets, table, text, start[left], start[after] + size[after])
+            t = lookup(data, offsets, gap, table, text, start[left], start[after] + size[after])
             if t >= 0:
                 nh = push(hs, hl, hr, hz, nh, scores[t], left, after, size[left] + size[after])
 
@@ -63,7 +66,7 @@ def spm_tokenize(
     while i != -1:
         s = start[i]
         e = s + size[i]
-        t = lookup(data, offsets, table, text, s, e)
+        t = lookup(data, offsets, gap, table, text, s, e)
         if t >= 0:
             out[k] = t
             k += 1
@@ -80,7 +83,7 @@ def spm_tokenize(
 
 @njit(cache=True, nogil=True)
 def spm_byte_ids(
-    data: np.ndarray, offsets: np.ndarray, table: np.ndarray, key: np.ndarray, out: np.ndarray
+    data: np.ndarray, offsets: np.ndarray, gap: int, table: np.ndarray, key: np.ndarray, out: np.ndarray
 ) -> None:  # pragma: no cover - compiled
     """``out[b]``: the token of byte ``b`` (llama.cpp's ``byte_to_token``): ``<0xXX>``, else the
     byte itself as a text, else -1.  ``key`` is uint8 [6] scratch."""
@@ -93,9 +96,9 @@ def spm_byte_ids(
         lo = b & 15
         key[3] = 48 + hi if hi < 10 else 55 + hi  # uppercase hex, as llama.cpp's snprintf("%02X")
         key[4] = 48 + lo if lo < 10 else 55 + lo
-        t = lookup(data, offsets, table, key, 0, 6)
+        t = lookup(data, offsets, gap, table, key, 0, 6)
         if t < 0:
             key[0] = b
-            t = lookup(data, offsets, table, key, 0, 1)
+            t = lookup(data, offsets, gap, table, key, 0, 1)
             key[0] = 60
         out[b] = t

@@ -9,9 +9,12 @@ tokens are matched only with ``parse_special``; user-defined tokens always are.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
+
+import numpy as np
+
+from ..string_array import StringArray
 
 T = TypeVar("T", str, bytes)
 
@@ -34,62 +37,82 @@ class Special:
         self.rstrip = rstrip
 
 
+PARSE_ONLY, LSTRIP, RSTRIP = 1, 2, 4  # bits of SpecialMatcher's flags
+
+
 class SpecialMatcher:
-    """The special tokens of a vocabulary in llama.cpp's order, with a fast test for which occur in a text."""
+    """The special tokens of a vocabulary in llama.cpp's order, with a fast test for which occur in a text.
 
-    # Below this many candidates, testing each with ``in`` is cheaper than the trie walk.
-    _TRIE_MIN = 48
+    Kept as token ids and flag bits, not as objects: gemma3 has 6 414 such tokens (6 250 of them
+    ``<unusedN>`` control tokens) and a :class:`Special` each took 1.1 MiB, a dict trie over
+    their texts 2.6 MiB more. Each mode (``parse_special`` or not) keeps its tokens' texts sorted
+    by their bytes (a :class:`~lmap.string_array.StringArray`, ~100 kB for gemma3), and one
+    compiled pass (``lmap.kernels.strings.mark_occurring``) finds the ones that occur in a text;
+    only those become :class:`Special` objects.
+    """
 
-    def __init__(self, specials: Sequence[Special]) -> None:
-        self.specials = list(specials)
-        self._modes: dict[bool, tuple[list[Special], Any]] = {}
+    def __init__(self, tokens: StringArray, ids: Sequence[int], flags: Sequence[int]) -> None:
+        #: int32 [k]: the special token ids, longest text first (ties by id)
+        self.ids = np.asarray(ids, dtype=np.int32)
+        #: uint8 [k]: PARSE_ONLY | LSTRIP | RSTRIP per id
+        self.flags = np.asarray(flags, dtype=np.uint8)
+        self._tokens = tokens
+        self._objects: dict[int, Special] = {}  # index in ``ids`` -> its Special, made once needed
+        self._modes: dict[bool, tuple[np.ndarray, StringArray, np.ndarray, np.ndarray]] = {}
+
+    def special(self, k: int) -> Special:
+        """The :class:`Special` of ``ids[k]``."""
+        sp = self._objects.get(k)
+        if sp is None:
+            f = int(self.flags[k])
+            tid = int(self.ids[k])
+            sp = Special(
+                tid,
+                self._tokens[tid],
+                parse_only=bool(f & PARSE_ONLY),
+                lstrip=bool(f & LSTRIP),
+                rstrip=bool(f & RSTRIP),
+            )
+            self._objects[k] = sp
+        return sp
 
     def active(self, parse_special: bool) -> list[Special]:
         """The specials matched under ``parse_special``, longest first."""
-        return self._mode(parse_special)[0]
+        return [self.special(k) for k in self._mode(parse_special)[0].tolist()]
 
     def present(self, text: str | bytes, parse_special: bool) -> list[Special]:
         """The active specials that occur in ``text``, in llama.cpp's order."""
-        active, finder = self._mode(parse_special)
-        if finder is None or isinstance(text, bytes):
-            return [sp for sp in active if (sp.bytes_ if isinstance(text, bytes) else sp.text) in text]
-        trie, starts, max_len = finder
-        found: set[int] = set()
-        seen: set[str] = set()
-        for m in starts.finditer(text):
-            p = m.start()
-            window = text[p : p + max_len]
-            if window in seen:  # runs (e.g. of spaces) repeat the same walk
-                continue
-            seen.add(window)
-            node = trie
-            for ch in window:
-                node = node.get(ch)
-                if node is None:
-                    break
-                idx = node.get("")
-                if idx is not None:
-                    found.add(idx)
-        return [active[i] for i in sorted(found)]
+        from ..kernels.strings import mark_occurring
 
-    def _mode(self, parse_special: bool) -> tuple[list[Special], Any]:
+        active, texts, order, firsts = self._mode(parse_special)
+        if not active.shape[0] or not text:
+            return []
+        if isinstance(text, str):
+            try:
+                data = text.encode("utf-8")  # a UTF-8 match starts and ends on characters: a str match
+            except UnicodeEncodeError:  # lone surrogates: as str
+                return [sp for sp in self.active(parse_special) if sp.text in text]
+        else:
+            data = text
+        found = np.zeros(active.shape[0], dtype=np.bool_)
+        mark_occurring(np.frombuffer(data, dtype=np.uint8), texts.data, texts.offsets, texts.gap, firsts, found)
+        return [self.special(k) for k in np.sort(order[found]).tolist()]
+
+    def _mode(self, parse_special: bool) -> tuple[np.ndarray, StringArray, np.ndarray, np.ndarray]:
         mode = self._modes.get(parse_special)
         if mode is None:
-            active = [sp for sp in self.specials if parse_special or not sp.parse_only]
-            finder = None
-            if len(active) >= self._TRIE_MIN:
-                # A trie over the texts finds every special starting at a position in one
-                # walk; only positions holding a possible first character are visited.
-                trie: dict[str, Any] = {}
-                for i, sp in enumerate(active):
-                    node = trie
-                    for ch in sp.text:
-                        node = node.setdefault(ch, {})
-                    node[""] = i
-                firsts = sorted({sp.text[0] for sp in active})
-                starts = re.compile("[" + "".join(re.escape(c) for c in firsts) + "]")
-                finder = (trie, starts, max(len(sp.text) for sp in active))
-            mode = self._modes[parse_special] = (active, finder)
+            # the indices (in ``ids``) of the active specials; their texts sorted by bytes, each
+            # one's index in ``ids``, and the bytes that start one
+            active = np.arange(self.ids.shape[0]) if parse_special else np.flatnonzero(self.flags & PARSE_ONLY == 0)
+            raw = [self._tokens.raw(t) for t in self.ids[active].tolist()]
+            by_bytes = sorted(range(len(raw)), key=raw.__getitem__)
+            data = np.frombuffer(b"\0".join([raw[j] for j in by_bytes]), dtype=np.uint8)
+            offsets = np.zeros(len(raw) + 1, dtype=np.int64)
+            np.cumsum([len(raw[j]) + 1 for j in by_bytes], out=offsets[1:])
+            firsts = np.zeros(256, dtype=np.bool_)
+            firsts[[r[0] for r in raw if r]] = True
+            order = active[np.asarray(by_bytes, dtype=np.int64)]
+            mode = self._modes[parse_special] = (active, StringArray(data, offsets), order, firsts)
         return mode
 
 

@@ -25,7 +25,9 @@ class SPMSession:
 
     def __init__(self, texts: StringArray, scores: np.ndarray) -> None:
         self._texts = texts
-        self._scores = scores
+        # read-only, as GGUFFile's (a view of its map): one compiled specialization for both
+        self._scores = scores = scores.view()
+        scores.flags.writeable = False
         self._byte_ids: np.ndarray | None = None
         self._glue: frozenset[bytes] | None = None  # characters some token joins to a following U+2581
 
@@ -36,7 +38,7 @@ class SPMSession:
 
             t = self._texts
             ids = np.empty(256, dtype=np.int32)
-            spm_byte_ids(t.data, t.offsets, t.table, np.empty(6, dtype=np.uint8), ids)
+            spm_byte_ids(t.data, t.offsets, t.gap, t.table, np.empty(6, dtype=np.uint8), ids)
             self._byte_ids = ids
         return self._byte_ids
 
@@ -55,6 +57,7 @@ class SPMSession:
                 np.frombuffer(chunk, dtype=np.uint8),
                 t.data,
                 t.offsets,
+                t.gap,
                 t.table,
                 self._scores,
                 byte_ids,
@@ -104,13 +107,17 @@ def _glue_chars(texts: StringArray) -> frozenset[bytes]:
     # Characters that directly precede a U+2581 inside some token (U+2581 itself always counts:
     # tokens hold runs of it).  Cutting before a U+2581 is safe after any other.
     glue = {SPACE}
-    data = texts.data.tobytes()
-    j = data.find(SPACE, 1)
-    while j > 0:
+    d, o = texts.data, texts.offsets
+    if d.shape[0] < 3:
+        return frozenset(glue)
+    at = np.flatnonzero((d[:-2] == SPACE[0]) & (d[1:-1] == SPACE[1]) & (d[2:] == SPACE[2]))
+    i = np.searchsorted(o, at, side="right") - 1  # the token each U+2581 starts in ...
+    begin = o[i]
+    inside = (at > begin) & (at + 3 <= o[i + 1] - texts.gap)  # ... after its first byte, within it
+    m = memoryview(d)
+    for j, b in zip(at[inside].tolist(), begin[inside].tolist(), strict=True):
         c = j - 1
-        while c > 0 and data[c] & 0xC0 == 0x80:
+        while c > b and m[c] & 0xC0 == 0x80:
             c -= 1
-        if data[c] != 0:  # not the NUL between two tokens: the U+2581 is inside a token
-            glue.add(data[c:j])
-        j = data.find(SPACE, j + 1)
+        glue.add(bytes(m[c:j]))
     return frozenset(glue)

@@ -73,7 +73,7 @@ class Tokenizer:
 
     def __init__(self, vocab: Vocab, merges: Sequence[str] | None = None, *, engine: str = "auto") -> None:
         self._v = vocab
-        self._matcher = SpecialMatcher(vocab.specials)
+        self._matcher = SpecialMatcher(vocab.tokens, vocab.special_ids, vocab.special_flags)
         self._pieces: dict[int, bytes] = {}  # a dict, not a list: gemma3 has 262 144 ids
         check_engine(engine)
         self._engine = engine

@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import UnsupportedModelError
 from ..string_array import StringArray
 from .pretokenize import PreTokenizer, pre_tokenizer_for
-from .specials import Special
+from .specials import LSTRIP, PARSE_ONLY, RSTRIP
 
 
 class TokenType(enum.IntEnum):
@@ -49,8 +49,8 @@ class TokenAttr(enum.IntFlag):
     SINGLE_WORD = 1 << 9
 
 
-# token type -> attribute, indexed by type (types outside 0..6 become UNDEFINED)
-_TYPE_TO_ATTR = np.array([0, 4, 1, 8, 16, 2, 32], dtype=np.int32)
+# token type -> attribute, indexed by type clipped to 0..7 (types outside 0..6 become UNDEFINED)
+_TYPE_TO_ATTR = np.array([0, 4, 1, 8, 16, 2, 32, 0], dtype=np.uint16)
 
 # Candidate texts, in llama.cpp's order.  llama.cpp takes the first candidate it meets
 # while walking a hash map, which has no portable order; lmap takes the first in this
@@ -165,10 +165,11 @@ class Vocab:
         n = len(tokens)
         self.n_vocab = n
         self._t2i: dict[str, int] | None = None  # built only for Hugging Face's BPE engine
-        # Packed, not a list and a dict: merges run compiled over the texts' bytes (gemma3's
-        # vocabulary takes 16 MiB, not 50; SmolLM2's is built in ~1 ms, not 8)
+        # Packed, not a list and a dict: merges run compiled over the texts' bytes, left in the
+        # GGUF file's map (gemma3's vocabulary takes 4.4 MiB of anonymous memory, not 50: hash
+        # table, offsets and attributes; SmolLM2's is built in ~1 ms, not 8)
         texts = tokens if isinstance(tokens, StringArray) else StringArray.from_strings(tokens)
-        if np.any(np.diff(texts.offsets) == 1):  # llama.cpp names empty tokens so that they stay distinct
+        if np.any(np.diff(texts.offsets) == texts.gap):  # llama.cpp names empty tokens so that they stay distinct
             texts = StringArray.from_strings([t or f"[EMPTY_{i}]" for i, t in enumerate(texts)])
         self.tokens: StringArray = texts
         tokens = self.tokens
@@ -178,14 +179,13 @@ class Vocab:
         if types is None:
             type_arr = np.full(n, TokenType.NORMAL, dtype=np.int32)
         else:
-            # GGUFFile's arrays are copies, not views into its map: shared, not copied again
+            # GGUFFile's arrays are read-only views of its map (file-backed pages): used, not copied
             type_arr = np.asarray(types, dtype=np.int32)
             if type_arr.shape[0] < n:
                 raise UnsupportedModelError(f"{_K}token_type has {type_arr.shape[0]} entries for {n} tokens")
             type_arr = type_arr[:n]
         self.types = type_arr
-        in_range = (type_arr >= 0) & (type_arr < len(_TYPE_TO_ATTR))
-        attr_arr = np.where(in_range, _TYPE_TO_ATTR[np.clip(type_arr, 0, len(_TYPE_TO_ATTR) - 1)], 0)
+        attr_arr = _TYPE_TO_ATTR[np.clip(type_arr, 0, len(_TYPE_TO_ATTR) - 1)]
 
         scores = md.get(_K + "scores")
         if scores is not None and len(scores) < n:
@@ -243,7 +243,9 @@ class Vocab:
             if v is not None:
                 setattr(self, attr, bool(v))
 
-        attrs: list[int] = attr_arr.tolist()
+        # 10 bits in C shorts, made without a list of ints: 0.5 MiB for gemma3, not 2 MiB
+        attrs = array("H")
+        attrs.frombytes(memoryview(attr_arr).cast("B"))
         touched: set[int] = set()  # ids whose attributes differ from their declared type
 
         def set_attr(tid: int, value: int) -> None:
@@ -315,19 +317,21 @@ class Vocab:
                 if tid is not None:
                     set_attr(tid, attrs[tid] | _RSTRIP if on else attrs[tid] & ~_RSTRIP)
 
-        specials = [
-            Special(
-                t,
-                tokens[t],
-                parse_only=bool(attrs[t] & (_CONTROL | _UNKNOWN)),
-                lstrip=bool(attrs[t] & _LSTRIP),
-                rstrip=bool(attrs[t] & _RSTRIP),
-            )
-            for t in cand
-        ]
-        specials.sort(key=lambda s: -len(s.bytes_))
-        self.specials = specials
-        self.attrs: Sequence[int] = array("H", attrs)  # 10 bits in C shorts: 0.5 MiB for gemma3, not a 2 MiB list
+        # ids and flag bits, not objects (gemma3 has 6 414): see lmap.tokenizer.specials
+        cand_ids = np.asarray(cand, dtype=np.int64)
+        o = tokens.offsets
+        by_length = np.argsort(o[cand_ids] - o[cand_ids + 1], kind="stable")  # longest first, then by id
+        self.special_ids = cand_ids[by_length].astype(np.int32)
+        self.special_flags = np.array(
+            [
+                (PARSE_ONLY if a & (_CONTROL | _UNKNOWN) else 0)
+                | (LSTRIP if a & _LSTRIP else 0)
+                | (RSTRIP if a & _RSTRIP else 0)
+                for a in map(attrs.__getitem__, self.special_ids.tolist())
+            ],
+            dtype=np.uint8,
+        )
+        self.attrs: Sequence[int] = attrs
         self.ids = ids
         self.eog_ids: frozenset[int] = frozenset(eog)
 
