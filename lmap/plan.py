@@ -46,15 +46,16 @@ RUNTIME_ANON = 42 * MiB
 RUNTIME_FILE = 70 * MiB
 
 # Tokenizer tables (measured RssAnon growth of parsing the GGUF metadata, building the tokenizer
-# and its first encode; tests/test_plan.py). The vocabulary and the merges stay packed (UTF-8
-# bytes, offsets, hash tables: lmap.string_array) and the merges run compiled, so no Python
-# object is made per token: about 65 bytes per vocabulary entry (texts, offsets, table, score,
-# type and attribute arrays) and 32 per merge, plus the BPE regex engine (2026-12-06: gemma3
-# 16.3 MiB, was 49.8 as Python objects; SmolLM2 5.3, was 18.8). Not planned: the Rust
-# `tokenizers` engine (~22 MiB for SmolLM2), built only for Tokenizer(engine="hf").
-TOKENIZER_BYTES_PER_TOKEN = 65
-TOKENIZER_BYTES_PER_MERGE = 32
-TOKENIZER_BPE_BASE = MiB * 7 // 10
+# and its first encode; tests/test_plan.py). The vocabulary's texts, scores and types and the
+# merges stay in the GGUF file's map (file-backed pages: lmap.string_array, GGUFFile), the merges
+# run compiled and the special tokens are ids and flags, so what is anonymous is about 17 bytes
+# per vocabulary entry (int32 offsets, hash table slots, attribute shorts) and 16 per merge, plus
+# the BPE regex engine (2026-12-06: gemma3 4.1-4.4 MiB, was 16.3 with the texts copied and 49.8 as
+# Python objects; SmolLM2 2.6, was 5.3 and 18.8). Not planned: the Rust `tokenizers` engine
+# (~22 MiB for SmolLM2), built only for Tokenizer(engine="hf").
+TOKENIZER_BYTES_PER_TOKEN = 17
+TOKENIZER_BYTES_PER_MERGE = 16
+TOKENIZER_BPE_BASE = MiB
 
 
 @dataclass(frozen=True)
