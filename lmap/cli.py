@@ -351,7 +351,8 @@ def _print_memory_plan(args: argparse.Namespace, path: Path) -> None:
 
 # ---------------------------------------------------------------------- main
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
-    """The ``lmap`` parser; given the command line, commands it does not name are placeholders."""
+    """The ``lmap`` parser; given the command line (``argv``), commands it does not name are
+    placeholders (same name and help, no options); without one, every command is built."""
     p = argparse.ArgumentParser(prog="lmap", description="Run GGUF language models from a memory map.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -439,7 +440,7 @@ _LAZY_COMMANDS = {
 
 def _command_in(argv: Sequence[str] | None) -> str | None:
     """The subcommand a command line names (its first word that is not an option), None if none."""
-    for a in sys.argv[1:] if argv is None else argv:
+    for a in argv or ():
         if not a.startswith("-"):
             return a
         if a in ("-h", "--help"):
@@ -448,6 +449,7 @@ def _command_in(argv: Sequence[str] | None) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     if args.func not in (cmd_run, cmd_chat):
         end_startup_gc()  # only run and chat turn it back on themselves, once the model is loaded
