@@ -248,12 +248,12 @@ def llama_buffers(hp: HParams, n_ctx: int, n_batch: int, logits_all: bool) -> li
     v4 = hp.n_vocab * 4
     rows = n_ctx if logits_all else 1
     return [
-        Buffer("logits", "scores", rows * v4, detail=f"[{rows}, {hp.n_vocab}] f32"),
         Buffer(
-            "logits",
-            "last + prompt logits" if logits_all else "prompt logits (last: the scratch row)",
-            (1 + logits_all) * v4,
+            "logits", "scores", rows * v4, detail=f"[{rows}, {hp.n_vocab}] f32" + ("" if logits_all else ", untouched")
         ),
+        Buffer("logits", "last + prompt logits", 2 * v4)
+        if logits_all
+        else Buffer("logits", "prompt logits", v4, detail="last logits: the scratch row"),
         Buffer("tokens", "input ids, batch ids/pos", n_ctx * 4 + 2 * n_batch * 4),
     ]
 
