@@ -170,6 +170,10 @@ def test_plan_matches_rss(model: str, n_ctx: int, request: pytest.FixtureRequest
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["kv"] == m["kv_alloc"]
     assert abs(m["rss"] - m["plan"]) <= 0.10 * m["rss"], m
+    if model == "gemma3_path" and n_ctx == 2048:
+        # issue 5's bar: llama.cpp's llama-completion on this file at -c 2048 holds 85.8 MiB of
+        # anonymous memory (85.9 measured again 2026-12-06; lmap's loaded process: ~80)
+        assert m["anon"] <= 85.8 * MiB, f"gemma3 at n_ctx 2048 holds {m['anon'] / MiB:.1f} MiB anonymous"
 
 
 @pytest.mark.slow
