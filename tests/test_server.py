@@ -431,3 +431,16 @@ def test_llama_api_grammar_and_response_format(smollm2_path: Path) -> None:
         from lmap.grammar import Grammar
 
         assert Grammar.json_object().matcher([b"x"]).accept_bytes(text), text
+
+
+def test_engine_scratch_decides_the_weight_tile_as_llama(smollm2_path: Path) -> None:
+    """The server's scratch has a dequantized weight tile (and float-sized activations) only where
+    Llama's has: none where every prompt product is an integer panel GEMM (4-16 MiB)."""
+    from lmap import Llama
+    from lmap.server.engine import Engine
+
+    llm = Llama(str(smollm2_path), n_ctx=256, verbose=False)
+    e = Engine(llm, 2, warm_up=False)
+    assert e.s.tile.size == llm._scratch.tile.size
+    assert e.s.xq is not None and llm._scratch.xq is not None
+    assert e.s.xq.f32.size == llm._scratch.xq.f32.size
