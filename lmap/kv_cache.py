@@ -41,6 +41,11 @@ def ring_cells(n_ctx: int, window: int, n_batch: int, chunk: int = SWA_CHUNK) ->
     return min(n_ctx, window + min(n_batch, chunk))
 
 
+def ring_chunks(n_batch: int, chunk: int = SWA_CHUNK) -> int:
+    """Chunks a full batch is stored in, where a ring is smaller than the batch (0: stored whole)."""
+    return -(-n_batch // chunk) if n_batch > chunk else 0
+
+
 def row_width(type_: str, head_dim: int) -> int:
     """Array elements one head of one cell takes in a cache of ``type_`` (bytes for q8_0)."""
     return head_dim // Q8_0_BLOCK * Q8_0_BYTES if type_ == "q8_0" else head_dim
@@ -173,7 +178,7 @@ class KVCache:
         self.swa_pos: np.ndarray | None = None
         self.swa_seqs: list[CellMap] | None = None
         if any(swa):
-            n_chunks = -(-n_batch // self.swa_chunk) if n_batch > self.swa_chunk else 0
+            n_chunks = ring_chunks(n_batch, swa_chunk)
             self.swa_pos, self.swa_seqs = _regions(n_seq, ring, ring < n_ctx, self.swa_chunk, n_chunks)
         self.full = self.full_seqs[0]
         self.swa = self.swa_seqs[0] if self.swa_seqs is not None else None

@@ -35,7 +35,6 @@ from .errors import ContextOverflowError, InvalidParameterError
 from .gguf import GGUFFile
 from .kv_cache import KVCache
 from .models import Scratch, load_model
-from .models.base import needs_tile
 from .plan import context_arrays, map_in_background, prefault_in_background
 from .registry import resolve_model
 from .residency import Residency
@@ -151,7 +150,7 @@ class Llama:
         if activations not in ("q8", "f32"):
             raise InvalidParameterError(f"activations={activations!r}: expected 'q8' (as llama.cpp) or 'f32' (exact)")
         m = self._model
-        tile = needs_tile([w.fid for w in m.layer_matrices()], m.output.fid, activations)
+        tile = m.needs_tile(activations)
         rows = self.n_batch if logits_all else 1
         self._scratch = Scratch(hp, self.n_batch, self._n_ctx, rows, activations, tile=tile)
         # resident now rather than page by page as the context fills: RSS stays flat while it talks.

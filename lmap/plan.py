@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from . import arena
-from .kv_cache import SWA_CHUNK, ring_cells, row_bytes
+from .kv_cache import ring_cells, ring_chunks, row_bytes
 from .models.base import BATCH_ATTENTION, TEAM_ROWS, HParams, Scratch
 
 MiB = 1 << 20
@@ -167,8 +167,7 @@ def kv_buffers(
         nb = n_seq * cells * hp.n_head_kv * (row_bytes(type_k, hp.head_dim_k) + row_bytes(type_v, hp.head_dim_v))
         kind = f"window {window}, ring of {cells}" if swa[il] else f"{cells} cells"
         out.append(Buffer("kv", f"layer {il} K+V", nb, detail=f"{kind}, {type_k}/{type_v}"))
-    chunk = min(n_batch, SWA_CHUNK)
-    n_chunks = -(-n_batch // chunk) if n_batch > chunk and ring < n_ctx else 0
+    n_chunks = ring_chunks(n_batch) if ring < n_ctx else 0
     maps = n_seq * n_ctx * 4 + (n_seq * (ring * 4 + n_chunks * (ring * 4 + 8)) if any(swa) else 0)
     out.append(Buffer("kv", "cell positions", maps))
     return out

@@ -309,7 +309,8 @@ def test_float_products_run_in_chunks_when_activations_are_sized_for_int8(fmt: s
     m, _ = make_matrix(fmt, 33, cols, seed=4)
     x = np.random.default_rng(5).standard_normal((40, cols)).astype(np.float32)
     full, small = ActScratch(40, cols), ActScratch(40, cols, float_rows=0)
-    assert small.f32.size < full.f32.size and 1 < small.float_rows(cols) < 40  # several chunks
+    chunks = [xr.shape[0] for _, xr in small.rounded(x, KERNELS[fmt].activation)]
+    assert small.f32.size < full.f32.size and len(chunks) > 1 and sum(chunks) == 40  # several chunks
     tile = np.zeros(cols * 64, np.float32)
     want, got = np.zeros((40, 33), np.float32), np.zeros((40, 33), np.float32)
     m.matmul(x, want, tile, full)

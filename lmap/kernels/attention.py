@@ -265,9 +265,12 @@ def attention_batch(
     n, nh, _ = q.shape
     nkv = k.shape[1]
     group = nh // nkv
-    in_place = w.in_place and nkv == 1
-    if in_place and not (q.flags.c_contiguous and out.flags.c_contiguous):
-        raise ValueError("attention_batch with one KV head works on q and out in place: both must be C-contiguous")
+    in_place = w.in_place
+    if in_place and not (nkv == 1 and q.flags.c_contiguous and out.flags.c_contiguous):
+        raise ValueError(
+            "attention_batch with a one-KV-head scratch works on q and out in place: "
+            f"needs one KV head (got {nkv}) and C-contiguous q and out"
+        )
     kf, vf = w.k[:, :n_cells], w.v[:, :n_cells]
     # one float32 copy per layer: Q8_0 blocks are dequantized here, so the products below are the same
     (_cache_q8_to_f32 if k.dtype == np.uint8 else _cache_to_f32)(k, n_cells, w.k)

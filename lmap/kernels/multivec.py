@@ -124,10 +124,6 @@ def matmul_rows(w: QMatrix, x: np.ndarray, out: np.ndarray, acts: RowActs | None
         for j in range(x.shape[0]):  # float weights or exact float activations: the float mat-vec, row by row
             w.matvec(x[j], out[j])
         return
-    step = act.float_rows(x.shape[1])
-    for r0 in range(0, x.shape[0], step):
-        xs = x[r0 : r0 + step]
-        xr = act.f32[: xs.size].reshape(xs.shape)
-        kern.activation(xs, xr)
-        for j in range(xs.shape[0]):
+    for r0, xr in act.rounded(x, kern.activation):
+        for j in range(xr.shape[0]):
             w.matvec(xr[j], out[r0 + j])

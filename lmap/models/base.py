@@ -349,13 +349,9 @@ class Model:
                 for w, out in group:
                     w.matmul_q8(xq, dx, xs, out, s.xq)
             else:
-                step = s.xq.float_rows(x.shape[1])  # the whole batch unless f32 was sized for int8 only
-                for r0 in range(0, x.shape[0], step):
-                    xs = x[r0 : r0 + step]
-                    xr = s.xq.f32[: xs.size].reshape(xs.shape)
-                    kind(xs, xr)  # type: ignore[operator]
+                for r0, xr in s.xq.rounded(x, kind):  # type: ignore[arg-type]
                     for w, out in group:
-                        w.matmul(xr, out[r0 : r0 + step], s.tile, None)  # as w.matmul(x, ..., s.xq)
+                        w.matmul(xr, out[r0 : r0 + xr.shape[0]], s.tile, None)  # as w.matmul(x, ..., s.xq)
 
     def attention(
         self,
@@ -528,6 +524,11 @@ class Model:
     def layer_matrices(self) -> list[QMatrix]:
         """Every weight matrix of the layers (not the embedding or output)."""
         return [m for L in getattr(self, "layers", []) for m in vars(L).values() if isinstance(m, QMatrix)]
+
+    def needs_tile(self, activations: str) -> bool:
+        """Whether this model's Scratch needs the dequantized weight tile (module-level
+        :func:`needs_tile` over its layer and output matrices)."""
+        return needs_tile([w.fid for w in self.layer_matrices()], self.output.fid, activations)
 
     @functools.cached_property
     def integer_prompts(self) -> bool:

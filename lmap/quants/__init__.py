@@ -7,7 +7,7 @@ and one line in ``KERNELS``. Everything above this package works on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -60,9 +60,15 @@ class ActScratch:
         """float32 elements :meth:`int8` needs for [n, k] activations in its smallest blocks (16)."""
         return -(-(-(-n * k // 4) * 4 + 8 * n * (k // 16)) // 4)
 
-    def float_rows(self, k: int) -> int:
-        """Rows of k rounded floats f32 holds at once."""
-        return max(1, self.f32.size // k)
+    def rounded(self, x: np.ndarray, activation: Callable[..., None]) -> Iterator[tuple[int, np.ndarray]]:
+        """(r0, x[r0 : r0 + m] rounded by ``activation`` into f32) for consecutive chunks of rows:
+        one chunk (the whole batch) unless f32 was sized for int8 activations only."""
+        step = max(1, self.f32.size // x.shape[1])
+        for r0 in range(0, x.shape[0], step):
+            xs = x[r0 : r0 + step]
+            xr = self.f32[: xs.size].reshape(xs.shape)
+            activation(xs, xr)
+            yield r0, xr
 
     @property
     def nbytes(self) -> int:
@@ -184,12 +190,8 @@ class QMatrix:
                 panels.quantize_rows(x, self.fid, xq, dx, xs)
                 self.matmul_q8(xq, dx, xs, out, act)
                 return
-            step = act.float_rows(self.cols)
-            for r0 in range(0, x.shape[0], step):  # one chunk unless f32 was sized for int8 only
-                xs = x[r0 : r0 + step]
-                xr = act.f32[: xs.size].reshape(xs.shape)
-                self.k.activation(xs, xr)
-                self._float_matmul(xr, out[r0 : r0 + step], tile)
+            for r0, xr in act.rounded(x, self.k.activation):
+                self._float_matmul(xr, out[r0 : r0 + xr.shape[0]], tile)
             return
         self._float_matmul(x, out, tile)
 

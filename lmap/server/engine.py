@@ -42,7 +42,6 @@ from ..errors import LmapError
 from ..grammar import Matcher, sample_with_grammar
 from ..kv_cache import KVCache
 from ..models import Scratch
-from ..models.base import needs_tile
 from ..plan import context_arrays, prefault
 from ..sampling import Sampler, SamplingParams, StopMatcher, top_logprobs
 from ..threads import set_threads
@@ -216,7 +215,7 @@ class Engine:
         activations = "q8" if llama._scratch.xq is not None else "f32"
         # as Llama decides it: no dequantized weight tile (and int8-sized activations) where every
         # prompt product is an integer panel GEMM (4-16 MiB)
-        tile = needs_tile([w.fid for w in self.model.layer_matrices()], self.model.output.fid, activations)
+        tile = self.model.needs_tile(activations)
         self.s = Scratch(hp, self.n_batch, self.n_ctx, self.n_slots, activations, self.n_slots, tile=tile)
         # resident now, not page by page as slots fill: server RSS stays flat under load
         prefault(self.kv.k + self.kv.v + context_arrays(self.s))
